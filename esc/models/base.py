@@ -1,0 +1,32 @@
+"""What a model adapter returns: the network to quantize plus its float front end."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+
+@dataclass
+class ModelBundle:
+    """A model ready for the harness.
+
+    Attributes:
+        name: short model name used in result rows (``ast_kws``, ``yamnet``, ``whisper_base``...).
+        model: the ``nn.Module`` that gets quantized. It takes front-end features, not waveforms.
+        frontend: waveform batch ``[B, samples]`` (float, at ``sample_rate``) -> model input.
+            It stays in float and is never quantized; tasks run it once and cache its output.
+        sample_rate: the rate the front end expects.
+        labels: class names for classifiers (index order of the logits), else ``None``.
+        extras: anything a task needs to drive this model (a tokenizer, generation settings...).
+        skip_quantization: module paths to leave in float (passed to ``quantize_model``).
+    """
+
+    name: str
+    model: nn.Module
+    frontend: Callable[[torch.Tensor], Any]
+    sample_rate: int = 16000
+    labels: Optional[list[str]] = None
+    extras: dict = field(default_factory=dict)
+    skip_quantization: tuple[str, ...] = ()

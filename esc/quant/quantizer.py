@@ -1,0 +1,207 @@
+"""Uniform fake quantizer: the single primitive every other part of ``esc`` builds on.
+
+A :class:`UniformQuantizer` maps a float tensor ``x`` to ``s * (clamp(round(x / s) + z, qmin, qmax) - z)``
+(scale ``s``, integer zero point ``z``) and passes gradients straight through the rounding
+(straight-through estimator), so PTQ methods can optimise through it.
+
+Its state is explicit and inspectable: ``bits``, ``symmetric``, ``signed``, ``granularity``
+(``"tensor"`` or ``"channel"`` along ``axis``), ``scale`` and ``zero_point`` buffers, and the derived
+``clip_range``. An optional *population* of scales (a leading dimension ``P`` on ``scale``) lets one
+forward pass evaluate ``P`` candidate scale vectors at once: the input batch is then the
+calibration batch repeated ``P`` times along dim 0 and slice ``p`` is quantized with scale ``p``.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+GRANULARITIES = ("tensor", "channel")
+MIN_BITS, MAX_BITS = 2, 16
+
+
+class QuantizationError(ValueError):
+    """Raised for invalid quantizer settings or unusable calibration data."""
+
+
+def integer_range(bits: int, signed: bool, symmetric: bool) -> tuple[int, int]:
+    """Return ``(qmin, qmax)`` of the integer grid.
+
+    Signed symmetric grids are restricted to ``[-(2^(b-1) - 1), 2^(b-1) - 1]`` (the "narrow" range,
+    so that ``-clip`` and ``+clip`` are both representable); signed asymmetric grids use the full
+    ``[-2^(b-1), 2^(b-1) - 1]``; unsigned grids use ``[0, 2^b - 1]``.
+    """
+    if not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+        raise QuantizationError(f"bits={bits!r} is outside {MIN_BITS}..{MAX_BITS}; choose an integer bit width in that range")
+    if not signed:
+        return 0, 2**bits - 1
+    if symmetric:
+        return -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round to nearest (ties to even), with an identity gradient (straight-through estimator)."""
+    return x + (torch.round(x) - x).detach()
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """Quantize and dequantize ``x`` with broadcastable ``scale`` and ``zero_point``.
+
+    Gradients flow to ``x`` through the rounding (STE) and inside the clip range, and to ``scale``
+    (as in LSQ), which reconstruction-based PTQ methods use.
+    """
+    q = torch.clamp(round_ste(x / scale) + zero_point, qmin, qmax)
+    return (q - zero_point) * scale
+
+
+class UniformQuantizer(nn.Module):
+    """Uniform affine quantizer with explicit scale/zero-point state.
+
+    Args:
+        bits: bit width, 2..16.
+        symmetric: symmetric (zero point 0, clip range ``[-c, c]``) or asymmetric (``[lo, hi]``).
+        signed: signed integer grid; unsigned grids only make sense for non-negative tensors
+            or asymmetric quantization.
+        granularity: ``"tensor"`` (one scale) or ``"channel"`` (one scale per slice along ``axis``).
+        axis: channel axis for per-channel quantization.
+        name: the quantizer's name in its model (used in every error message).
+
+    Modes: ``enabled=False`` passes ``x`` through unchanged. ``observer`` (a callable) sees every
+    input before quantization; calibrators use it to collect statistics.
+    """
+
+    def __init__(self, bits: int = 8, symmetric: bool = True, signed: bool = True,
+                 granularity: str = "tensor", axis: int = 0, name: str = "") -> None:
+        super().__init__()
+        if granularity not in GRANULARITIES:
+            raise QuantizationError(f"quantizer {name!r}: unknown granularity {granularity!r}; use one of {GRANULARITIES}")
+        self.name = name
+        self.bits = bits
+        self.symmetric = symmetric
+        self.signed = signed
+        self.granularity = granularity
+        self.axis = axis
+        self.qmin, self.qmax = integer_range(bits, signed, symmetric)
+        self.enabled = True
+        self.observer: Optional[Callable[[torch.Tensor], None]] = None
+        self.register_buffer("scale", torch.empty(0))
+        self.register_buffer("zero_point", torch.empty(0))
+        self._level_counts: Optional[torch.Tensor] = None
+
+    # ----------------------------------------------------------------------------------- state
+    @property
+    def is_calibrated(self) -> bool:
+        """True once a scale has been set."""
+        return self.scale.numel() > 0
+
+    @property
+    def population_size(self) -> int:
+        """Number of candidate scale vectors held at once (0 when a single scale is set)."""
+        base_dim = 0 if self.granularity == "tensor" else 1
+        return self.scale.shape[0] if self.scale.dim() > base_dim else 0
+
+    def set_clip_range(self, lo: torch.Tensor | float, hi: torch.Tensor | float | None = None) -> None:
+        """Set scale and zero point from a clip range.
+
+        Symmetric quantizers take ``hi`` (or ``lo`` alone) as the clip magnitude ``c`` and use
+        ``s = c / qmax``. Asymmetric quantizers map ``[lo, hi]`` (widened to contain 0) onto
+        ``[qmin, qmax]``. Degenerate ranges (all-zero tensors) get a tiny positive scale.
+        """
+        if self.symmetric:
+            c = torch.as_tensor(hi if hi is not None else lo, dtype=torch.float32).abs()
+            self.set_scale(c / self.qmax)
+            return
+        lo_t = torch.clamp(torch.as_tensor(lo, dtype=torch.float32), max=0.0)
+        hi_t = torch.clamp(torch.as_tensor(hi, dtype=torch.float32), min=0.0)
+        scale = torch.clamp((hi_t - lo_t) / (self.qmax - self.qmin), min=torch.finfo(torch.float32).tiny)
+        zero_point = torch.clamp(torch.round(self.qmin - lo_t / scale), self.qmin, self.qmax)
+        self._assign(scale, zero_point)
+
+    def set_scale(self, scale: torch.Tensor | float) -> None:
+        """Set the scale directly (symmetric quantizers; zero point 0).
+
+        ``scale`` may carry a leading population dimension (see module docstring).
+        """
+        scale = torch.as_tensor(scale, dtype=torch.float32)
+        if not torch.isfinite(scale).all():
+            raise QuantizationError(f"quantizer {self.name!r}: non-finite scale; its calibration data holds NaN/Inf or is empty")
+        if (scale < 0).any():
+            raise QuantizationError(f"quantizer {self.name!r}: negative scale {scale.min().item():g}")
+        scale = torch.clamp(scale, min=torch.finfo(torch.float32).tiny)
+        self._assign(scale, torch.zeros_like(scale))
+
+    def _assign(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        device = self.scale.device
+        self.scale = scale.detach().to(device)
+        self.zero_point = zero_point.detach().to(device)
+
+    @property
+    def clip_range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The representable float range ``(lo, hi)`` implied by scale and zero point."""
+        self._require_calibrated()
+        return (self.qmin - self.zero_point) * self.scale, (self.qmax - self.zero_point) * self.scale
+
+    def extra_repr(self) -> str:
+        return (f"name={self.name!r}, bits={self.bits}, symmetric={self.symmetric}, signed={self.signed}, "
+                f"granularity={self.granularity}, enabled={self.enabled}")
+
+    # --------------------------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observer is not None:
+            self.observer(x.detach())
+        if not self.enabled:
+            return x
+        self._require_calibrated()
+        pop = self.population_size
+        if pop:
+            if self.granularity != "tensor":
+                raise QuantizationError(f"quantizer {self.name!r}: population scales need per-tensor granularity")
+            if x.shape[0] % pop:
+                raise QuantizationError(f"quantizer {self.name!r}: batch {x.shape[0]} is not a multiple of the population {pop}")
+            shape = (pop, -1) + (1,) * (x.dim() - 1)
+            xs = x.reshape(pop, x.shape[0] // pop, *x.shape[1:])
+            out = fake_quantize(xs, self.scale.view(shape), self.zero_point.view(shape), self.qmin, self.qmax)
+            return out.reshape(x.shape)
+        scale, zero_point = self._broadcast(x)
+        if self._level_counts is not None:
+            self._count_levels(x, scale, zero_point)
+        return fake_quantize(x, scale, zero_point, self.qmin, self.qmax)
+
+    def _broadcast(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.granularity == "tensor" or self.scale.dim() == 0:
+            return self.scale, self.zero_point
+        axis = self.axis % x.dim()
+        shape = [1] * x.dim()
+        shape[axis] = -1
+        return self.scale.view(shape), self.zero_point.view(shape)
+
+    def _require_calibrated(self) -> None:
+        if not self.is_calibrated:
+            raise QuantizationError(f"quantizer {self.name!r} has no scale yet; run a calibrator (or disable it) before quantized inference")
+
+    # ----------------------------------------------------------------------- level utilisation
+    def track_levels(self, on: bool = True) -> None:
+        """Start (or stop) counting how often each integer level is hit in forward passes."""
+        self._level_counts = torch.zeros(self.qmax - self.qmin + 1, dtype=torch.long) if on else None
+
+    def _count_levels(self, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        q = torch.clamp(torch.round(x.detach() / scale) + zero_point, self.qmin, self.qmax).long() - self.qmin
+        self._level_counts += torch.bincount(q.flatten().cpu(), minlength=self._level_counts.numel())
+
+    @property
+    def level_utilisation(self) -> float:
+        """Fraction of the ``2^bits`` integer levels hit at least once while tracking (NaN if never tracked)."""
+        if self._level_counts is None or self._level_counts.sum() == 0:
+            return float("nan")
+        return float((self._level_counts > 0).float().mean())
+
+
+def check_finite(x: torch.Tensor, name: str) -> None:
+    """Raise a clear error if an observed activation holds NaN or Inf."""
+    if not torch.isfinite(x).all():
+        bad = int((~torch.isfinite(x)).sum())
+        raise QuantizationError(
+            f"quantizer {name!r} observed {bad} NaN/Inf activation values; check the model's FP32 output "
+            "on the calibration data (bad audio, a missing normalisation) before calibrating")

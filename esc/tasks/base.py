@@ -1,0 +1,38 @@
+"""What a task is: data, a metric, and a calibration loss. It knows nothing of quantization."""
+from __future__ import annotations
+
+from torch import nn
+
+from esc.calibrators.base import CalibrationData
+from esc.models.base import ModelBundle
+
+
+class Task:
+    """Base class of tasks (keyword spotting, audio tagging, ASR).
+
+    Life cycle used by :mod:`esc.run`: ``prepare(bundle)`` once (load/synthesise data, run the
+    float front end on every split and cache the features), then ``evaluate(model)`` for the FP32
+    model and for each quantized model, and ``calibration_data(num_samples, seed)`` to get the
+    calibration batches (drawn from the training split).
+
+    Attributes:
+        name: task name used in result rows (``kws``, ``tagging``, ``asr``).
+        metric: name of the headline metric (``accuracy``, ``mAP``, ``WER``).
+        higher_is_better: direction of the headline metric.
+    """
+
+    name = "task"
+    metric = "metric"
+    higher_is_better = True
+
+    def prepare(self, bundle: ModelBundle) -> None:
+        """Load the data and cache front-end features for ``bundle``."""
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Metrics of ``model`` on the test split; must contain ``self.metric``."""
+        raise NotImplementedError
+
+    def calibration_data(self, num_samples: int, seed: int) -> CalibrationData:
+        """``num_samples`` training samples drawn with ``seed``, as model-ready batches with a per-sample loss."""
+        raise NotImplementedError
