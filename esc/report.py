@@ -1,0 +1,141 @@
+"""Turn result rows into paper-style tables and plots.
+
+``python -m esc.report --experiment demo`` reads ``experiments/rows/demo/*.json`` and writes to
+``results/demo/``:
+
+* ``table.csv``: one line per run (task, model, precision, calibrator, ptq, metric, fp32,
+  quantized, drop, calib_seconds, ...);
+* ``table.md``: the paper's Table 1 shape, rows = calibrator x precision, columns = model/task,
+  cells = quantized metric (mean ± std over seeds when there are several);
+* ``metric_by_calibrator.png``: the metric per calibrator per precision, one panel per model/task;
+* ``esc_fitness.png``: ESC's best and mean fitness per generation (when ESC rows exist).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from esc.config import project_root  # noqa: E402
+from esc.results import read_rows  # noqa: E402
+
+log = logging.getLogger("esc.report")
+
+COLUMNS = ["task", "model", "precision", "calibrator", "ptq", "seed", "calibration_seed", "metric", "higher_is_better",
+           "fp32", "quantized", "drop", "rel_drop", "calib_seconds", "ptq_seconds", "forward_passes",
+           "n_act_quantizers", "calib_samples", "git_commit", "key"]
+CALIBRATOR_ORDER = ["none", "minmax", "percentile", "entropy", "mse", "esc"]
+
+
+def rows_frame(rows: list[dict]) -> pd.DataFrame:
+    """Successful rows as a DataFrame with the :data:`COLUMNS` (errors are logged and dropped)."""
+    ok = [r for r in rows if r.get("status") == "ok"]
+    for r in rows:
+        if r.get("status") != "ok":
+            log.warning("run %s failed: %s", r.get("key"), r.get("error"))
+    df = pd.DataFrame(ok, columns=COLUMNS)
+    order = {c: i for i, c in enumerate(CALIBRATOR_ORDER)}
+    return df.sort_values(["task", "model", "precision", "calibrator", "ptq", "seed"],
+                          key=lambda s: s.map(order).fillna(len(order)) if s.name == "calibrator" else s).reset_index(drop=True)
+
+
+def _cell(values: pd.Series) -> str:
+    if len(values) == 1:
+        return f"{values.iloc[0]:.2f}"
+    return f"{values.mean():.2f} ± {values.std(ddof=1):.2f}"
+
+
+def paper_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows calibrator x precision (x ptq), columns ``model / task (metric)``; FP32 first."""
+    df = df.assign(column=df["model"] + " / " + df["task"] + " (" + df["metric"] + ")",
+                   method=df["calibrator"].where(df["ptq"] == "none", df["calibrator"] + " + " + df["ptq"]))
+    df.loc[df["precision"] == "fp32", "method"] = "FP32"
+    table = df.groupby(["precision", "method", "column"], sort=False)["quantized"].apply(_cell).unstack("column")
+    return table.reset_index().fillna("-")
+
+
+def write_tables(df: pd.DataFrame, out: Path) -> None:
+    """Write ``table.csv`` (one line per run) and ``table.md`` (paper shape)."""
+    df.to_csv(out / "table.csv", index=False, float_format="%.6g")
+    table = paper_table(df)
+    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+
+
+def plot_metric(df: pd.DataFrame, out: Path) -> None:
+    """Bar chart: metric per calibrator, grouped by precision, one panel per model/task."""
+    groups = list(df.groupby(["model", "task", "metric"]))
+    fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4), squeeze=False)
+    for ax, ((model, task, metric), g) in zip(axes[0], groups):
+        fp = g["fp32"].mean()
+        q = g[g["precision"] != "fp32"]
+        pivot = q.pivot_table(index="precision", columns="calibrator", values="quantized", aggfunc="mean")
+        pivot = pivot[[c for c in CALIBRATOR_ORDER if c in pivot.columns] + [c for c in pivot.columns if c not in CALIBRATOR_ORDER]]
+        pivot.plot.bar(ax=ax, rot=0)
+        ax.axhline(fp, color="k", ls="--", lw=1, label="FP32")
+        ax.set_title(f"{model} / {task}")
+        ax.set_ylabel(metric)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "metric_by_calibrator.png", dpi=120)
+    plt.close(fig)
+
+
+def plot_fitness(rows: list[dict], out: Path) -> bool:
+    """ESC fitness curves (best and mean per generation); returns False when there is no ESC row."""
+    esc_rows = [r for r in rows if r.get("status") == "ok" and r.get("history", {}).get("best")]
+    if not esc_rows:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in esc_rows:
+        label = f"{r['model']} {r['precision']} s{r['seed']}"
+        line, = ax.plot(r["history"]["best"], label=f"{label} best")
+        ax.plot(r["history"]["mean"], color=line.get_color(), ls=":", label=f"{label} mean")
+    ax.set_xlabel("generation")
+    ax.set_ylabel("fitness (calibration set)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "esc_fitness.png", dpi=120)
+    plt.close(fig)
+    return True
+
+
+def build_report(rows_dir: Path, out: Path) -> pd.DataFrame:
+    """Read rows from ``rows_dir`` and write tables and plots to ``out``."""
+    rows = read_rows([rows_dir])
+    if not rows:
+        raise SystemExit(f"no result rows under {rows_dir}; run a sweep first (e.g. `make demo`)")
+    out.mkdir(parents=True, exist_ok=True)
+    df = rows_frame(rows)
+    if df.empty:
+        raise SystemExit(f"all {len(rows)} runs under {rows_dir} failed; see their 'error' fields")
+    write_tables(df, out)
+    plot_metric(df, out)
+    plot_fitness(rows, out)
+    log.info("wrote %s (%d runs)", out, len(df))
+    return df
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: ``python -m esc.report --experiment NAME [--rows DIR] [--out DIR]``."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--experiment", default="demo")
+    parser.add_argument("--rows", type=Path, help="rows directory (default experiments/rows/EXPERIMENT)")
+    parser.add_argument("--out", type=Path, help="output directory (default results/EXPERIMENT)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    root = Path(project_root())
+    build_report(args.rows or root / "experiments" / "rows" / args.experiment, args.out or root / "results" / args.experiment)
+    print((args.out or root / "results" / args.experiment) / "table.md")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""Hydra entry point for one run: ``(model, task, precision, calibrator, ptq, seed) -> one result row``.
+
+``python -m esc.run [group=option ...]`` runs one configuration; ``python -m esc.run -m ...`` sweeps a
+grid (joblib locally, submitit on Slurm). Steps of a run: build the model and task; evaluate FP32
+(cached per model/task/seed, so a sweep evaluates it once); draw the calibration set; apply a
+"before" PTQ method; insert quantizers; calibrate weights and activations; apply an "after" PTQ
+method; measure level utilisation; evaluate; write the row. A finished row is never recomputed;
+a run that raises writes an error row (and, inside a sweep, lets the other runs go on).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import random
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from esc.config import register_resolvers
+from esc.quant.model import QuantSpec, quantize_model
+from esc.results import is_finished, provenance, read_row, row_path, run_key, write_json_atomic
+
+log = logging.getLogger("esc.run")
+register_resolvers()
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def run_axes(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config axes that define a run (and its key).
+
+    For FP32 the calibrator and PTQ method play no role, and for weight-only precisions the
+    calibrator plays none: they are recorded as ``none`` so equivalent runs share one key.
+    """
+    axes = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "task", "precision", "calibrator", "ptq", "calibration")}
+    axes["seed"] = cfg.seed
+    if cfg.precision.activation is None:
+        axes["calibrator"] = "none"
+    if cfg.precision.weight is None and cfg.precision.activation is None:
+        axes["ptq"] = "none"
+        axes["calibration"] = "none"
+    return axes
+
+
+def component_name(node: Any) -> str:
+    """Short name of a configured component: its ``name`` field, else the class of its ``_target_``."""
+    if not isinstance(node, dict):
+        return str(node)
+    if "name" in node:
+        return str(node["name"])
+    target = node.get("_target_", "none") or "none"
+    return target.rsplit(".", 1)[-1].removesuffix("Calibrator").lower()
+
+
+def quant_spec(node: DictConfig | None) -> QuantSpec | None:
+    """A :class:`QuantSpec` from a precision sub-config (``None`` = stays float)."""
+    return None if node is None else QuantSpec(int(node.bits), bool(node.symmetric), str(node.granularity))
+
+
+def fp32_metrics(cfg: DictConfig, task, bundle) -> dict[str, float]:
+    """FP32 metrics of the model on the task, cached per model/task/seed under ``paths.cache``."""
+    key = run_key({"model": OmegaConf.to_container(cfg.model, resolve=True),
+                   "task": OmegaConf.to_container(cfg.task, resolve=True), "seed": cfg.seed})
+    path = Path(cfg.paths.cache) / "fp32" / f"{key}.json"
+    cached = read_row(path)
+    if cached is not None:
+        log.info("FP32 metrics from cache %s", path)
+        return cached
+    log.info("Evaluating the FP32 model")
+    metrics = task.evaluate(bundle.model)
+    write_json_atomic(path, metrics)
+    return metrics
+
+
+def execute(cfg: DictConfig, axes: dict[str, Any]) -> dict[str, Any]:
+    """Run one configuration and return its result row (without provenance)."""
+    seed_everything(cfg.seed)
+    if cfg.torch_threads:
+        torch.set_num_threads(int(cfg.torch_threads))
+    log.info("Building model %s and task %s", component_name(axes["model"]), component_name(axes["task"]))
+    bundle = instantiate(cfg.model)
+    task = instantiate(cfg.task)
+    task.prepare(bundle)
+    fp = fp32_metrics(cfg, task, bundle)
+    row: dict[str, Any] = {"fp32_metrics": fp, "calib_seconds": 0.0, "ptq_seconds": 0.0, "forward_passes": 0,
+                           "n_act_quantizers": 0, "n_weight_quantizers": 0, "calib_samples": 0, "history": {}, "quantizers": []}
+    if cfg.precision.weight is None and cfg.precision.activation is None:
+        return {**row, "metrics": fp, "task_obj": task}
+
+    data = task.calibration_data(int(cfg.calibration.num_samples), int(cfg.calibration.seed))
+    ptq = instantiate(cfg.ptq)
+    float_model = bundle.model
+    start = time.perf_counter()
+    if ptq.stage == "before":
+        log.info("PTQ %s on the float model", ptq.name)
+        float_model = copy.deepcopy(float_model)
+        ptq.apply(float_model, data)
+    ptq_seconds = time.perf_counter() - start
+    qmodel = quantize_model(float_model, weight=quant_spec(cfg.precision.weight), activation=quant_spec(cfg.precision.activation),
+                            skip=bundle.skip_quantization)
+    if cfg.precision.weight is not None:
+        qmodel.calibrate_weights(cfg.calibration.weights)
+    if cfg.precision.activation is not None:
+        calibrator = instantiate(cfg.calibrator)
+        log.info("Calibrating %d activation quantizers with %s on %d samples",
+                 len(qmodel.activation_quantizers), type(calibrator).__name__, data.num_samples)
+        result = calibrator.calibrate(qmodel, data)
+        row.update(calib_seconds=result.seconds, forward_passes=result.forward_passes, history=result.history)
+    if ptq.stage == "after" and ptq.name != "none":
+        log.info("PTQ %s on the calibrated model", ptq.name)
+        start = time.perf_counter()
+        ptq.apply(qmodel, data)
+        ptq_seconds += time.perf_counter() - start
+    qmodel.measure_level_utilisation(data.batches, data.forward)
+    log.info("Evaluating the quantized model")
+    metrics = task.evaluate(qmodel)
+    return {**row, "metrics": metrics, "ptq_seconds": ptq_seconds, "calib_samples": data.num_samples,
+            "n_act_quantizers": sum(q.enabled for q in qmodel.activation_quantizers.values()),
+            "n_weight_quantizers": sum(q.enabled for q in qmodel.weight_quantizers.values()),
+            "quantizers": qmodel.summary(), "task_obj": task}
+
+
+def finish_row(cfg: DictConfig, axes: dict[str, Any], key: str, out: dict[str, Any]) -> dict[str, Any]:
+    """Add the headline columns (metric, fp32, quantized, drops) and provenance to a result row."""
+    task = out.pop("task_obj")
+    fp, q = out["fp32_metrics"][task.metric], out["metrics"][task.metric]
+    drop = (fp - q) if task.higher_is_better else (q - fp)
+    return {"key": key, "status": "ok", "experiment": cfg.experiment,
+            "task": component_name(axes["task"]), "model": component_name(axes["model"]),
+            "precision": cfg.precision.name, "calibrator": component_name(axes["calibrator"]),
+            "ptq": component_name(axes["ptq"]), "seed": cfg.seed, "calibration_seed": cfg.calibration.seed,
+            "metric": task.metric, "higher_is_better": task.higher_is_better, "fp32": fp, "quantized": q,
+            "drop": drop, "rel_drop": drop / abs(fp) if fp else float("nan"), **out,
+            "axes": axes, "finished_at": datetime.now(timezone.utc).isoformat(), **provenance()}
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Run one configuration unless its row is already finished; return the row."""
+    axes = run_axes(cfg)
+    key = run_key(axes)
+    rows_dir = Path(cfg.paths.rows) / cfg.experiment
+    path = row_path(rows_dir, key)
+    if is_finished(rows_dir, key):
+        log.info("Row %s already finished (%s): skipping", key, path)
+        return read_row(path)
+    log.info("Run %s -> %s", key, path)
+    try:
+        row = finish_row(cfg, axes, key, execute(cfg, axes))
+    except Exception as exc:  # record the failure, then let the sweep go on
+        row = {"key": key, "status": "error", "experiment": cfg.experiment, "error": f"{type(exc).__name__}: {exc}",
+               "traceback": traceback.format_exc(), "axes": axes, **provenance()}
+        write_json_atomic(path, row)
+        log.error("Run %s failed: %s (error row written to %s)", key, row["error"], path)
+        if not in_multirun():
+            raise
+        return row
+    write_json_atomic(path, row)
+    log_to_tracker(cfg, row)
+    log.info("%s %s %s %s: %s fp32 %.4g -> quantized %.4g", row["model"], row["precision"], row["calibrator"], row["ptq"],
+             row["metric"], row["fp32"], row["quantized"])
+    return row
+
+
+def in_multirun() -> bool:
+    """True inside a Hydra multirun job."""
+    try:
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except ValueError:
+        return False
+
+
+def log_to_tracker(cfg: DictConfig, row: dict[str, Any]) -> None:
+    """Send the row to the configured experiment tracker (wandb) if any."""
+    if cfg.logger.name != "wandb":
+        return
+    import wandb
+
+    Path(cfg.logger.dir).mkdir(parents=True, exist_ok=True)
+    with wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, mode=cfg.logger.mode, dir=cfg.logger.dir,
+                    name=f"{row['model']}-{row['precision']}-{row['calibrator']}-{row['ptq']}-s{row['seed']}",
+                    config=row["axes"], reinit="finish_previous") as wb:
+        for gen, (best, mean) in enumerate(zip(row["history"].get("best", []), row["history"].get("mean", []))):
+            wb.log({"esc/best_fitness": best, "esc/mean_fitness": mean, "generation": gen})
+        wb.summary.update({k: row[k] for k in ("fp32", "quantized", "drop", "rel_drop", "calib_seconds", "ptq_seconds")})
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point."""
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
