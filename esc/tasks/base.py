@@ -29,8 +29,18 @@ class Task:
         """Load the data and cache front-end features for ``bundle``."""
         raise NotImplementedError
 
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
-        """Metrics of ``model`` on the test split; must contain ``self.metric``."""
+    def evaluate(self, model: nn.Module) -> dict:
+        """Metrics of ``model`` on the test split.
+
+        Must contain ``self.metric`` (a float) and ``"per_sample"``: a dict of arrays whose first
+        dimension is the test sample, from which :meth:`metric_from_samples` recomputes the metric
+        (the paired bootstrap of :mod:`esc.stats` resamples these rows).
+        """
+        raise NotImplementedError
+
+    @staticmethod
+    def metric_from_samples(samples: dict) -> float:
+        """The headline metric computed from (a resample of) ``evaluate(...)["per_sample"]``."""
         raise NotImplementedError
 
     def calibration_data(self, num_samples: int, seed: int) -> CalibrationData:
