@@ -83,8 +83,18 @@ def fp32_metrics(cfg: DictConfig, task, bundle) -> dict[str, float]:
         return cached
     log.info("Evaluating the FP32 model")
     metrics = task.evaluate(bundle.model)
-    write_json_atomic(path, metrics)
+    write_json_atomic(path, {**metrics, "per_sample": {k: np.asarray(v).tolist() for k, v in metrics.get("per_sample", {}).items()}})
     return metrics
+
+
+def save_samples(path: Path, fp: dict[str, Any], quantized: dict[str, Any]) -> None:
+    """Move the per-sample results out of both metric dicts into ``path`` (npz: ``fp32/<k>``, ``quantized/<k>``)."""
+    samples = {"fp32": fp.pop("per_sample", {}), "quantized": quantized.pop("per_sample", {})}
+    arrays = {f"{side}/{k}": np.asarray(v) for side, d in samples.items() for k, v in d.items()}
+    if arrays:
+        tmp = path.with_name(f".{path.name}.tmp.npz")
+        np.savez_compressed(tmp, **arrays)
+        tmp.replace(path)
 
 
 def execute(cfg: DictConfig, axes: dict[str, Any]) -> dict[str, Any]:
@@ -135,16 +145,22 @@ def execute(cfg: DictConfig, axes: dict[str, Any]) -> dict[str, Any]:
             "quantizers": qmodel.summary(), "task_obj": task}
 
 
-def finish_row(cfg: DictConfig, axes: dict[str, Any], key: str, out: dict[str, Any]) -> dict[str, Any]:
-    """Add the headline columns (metric, fp32, quantized, drops) and provenance to a result row."""
+def finish_row(cfg: DictConfig, axes: dict[str, Any], key: str, out: dict[str, Any], samples_path: Path) -> dict[str, Any]:
+    """Add the headline columns (metric, fp32, quantized, drops) and provenance to a result row.
+
+    Per-sample results go to ``samples_path`` (for paired bootstrap intervals in the report).
+    """
     task = out.pop("task_obj")
+    out["fp32_metrics"], out["metrics"] = dict(out["fp32_metrics"]), dict(out["metrics"])
+    save_samples(samples_path, out["fp32_metrics"], out["metrics"])
     fp, q = out["fp32_metrics"][task.metric], out["metrics"][task.metric]
     drop = (fp - q) if task.higher_is_better else (q - fp)
     return {"key": key, "status": "ok", "experiment": cfg.experiment,
             "task": component_name(axes["task"]), "model": component_name(axes["model"]),
             "precision": cfg.precision.name, "calibrator": component_name(axes["calibrator"]),
             "ptq": component_name(axes["ptq"]), "seed": cfg.seed, "calibration_seed": cfg.calibration.seed,
-            "metric": task.metric, "higher_is_better": task.higher_is_better, "fp32": fp, "quantized": q,
+            "metric": task.metric, "higher_is_better": task.higher_is_better,
+            "task_class": f"{type(task).__module__}.{type(task).__qualname__}", "fp32": fp, "quantized": q,
             "drop": drop, "rel_drop": drop / abs(fp) if fp else float("nan"), **out,
             "axes": axes, "finished_at": datetime.now(timezone.utc).isoformat(), **provenance()}
 
@@ -160,7 +176,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return read_row(path)
     log.info("Run %s -> %s", key, path)
     try:
-        row = finish_row(cfg, axes, key, execute(cfg, axes))
+        row = finish_row(cfg, axes, key, execute(cfg, axes), path.with_suffix(".samples.npz"))
     except Exception as exc:  # record the failure, then let the sweep go on
         row = {"key": key, "status": "error", "experiment": cfg.experiment, "error": f"{type(exc).__name__}: {exc}",
                "traceback": traceback.format_exc(), "axes": axes, **provenance()}
