@@ -8,13 +8,20 @@
 * ``table.md``: the paper's Table 1 shape, rows = calibrator x precision, columns = model/task,
   cells = quantized metric (mean ± std over seeds when there are several);
 * ``metric_by_calibrator.png``: the metric per calibrator per precision, one panel per model/task;
-* ``esc_fitness.png``: ESC's best and mean fitness per generation (when ESC rows exist).
+* ``esc_fitness.png``: ESC's best and mean fitness per generation (when ESC rows exist);
+* ``pairs.csv`` / ``pairs.md``: for every pair of calibrators (same model, task, precision, PTQ
+  method and seed, hence the same test clips) the metric difference with a 95% paired bootstrap
+  interval; ``n.s.`` marks intervals that contain zero, so nobody reads noise as a result.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
+import itertools
 import logging
 from pathlib import Path
+
+import numpy as np
 
 import matplotlib
 
@@ -24,6 +31,7 @@ import pandas as pd  # noqa: E402
 
 from esc.config import project_root  # noqa: E402
 from esc.results import read_rows  # noqa: E402
+from esc.stats import paired_bootstrap  # noqa: E402
 
 log = logging.getLogger("esc.report")
 
@@ -108,6 +116,50 @@ def plot_fitness(rows: list[dict], out: Path) -> bool:
     return True
 
 
+def load_samples(rows_dir: Path, key: str) -> dict[str, np.ndarray] | None:
+    """The quantized model's per-sample results of row ``key`` (None if not saved)."""
+    path = Path(rows_dir) / f"{key}.samples.npz"
+    if not path.exists():
+        return None
+    with np.load(path) as z:
+        return {k.split("/", 1)[1]: z[k] for k in z.files if k.startswith("quantized/")} or None
+
+
+def metric_function(task_class: str):
+    """``metric_from_samples`` of the task class recorded in a row."""
+    module, _, cls = task_class.rpartition(".")
+    return getattr(importlib.import_module(module), cls).metric_from_samples
+
+
+def pair_table(rows: list[dict], rows_dir: Path, n_boot: int = 1000) -> pd.DataFrame:
+    """Paired bootstrap CI of the metric difference for every calibrator pair on the same test clips."""
+    ok = [r for r in rows if r.get("status") == "ok" and r.get("precision") != "fp32" and r.get("task_class")]
+    out = []
+    group_key = lambda r: (r["model"], r["task"], r["precision"], r["ptq"], r["seed"])  # noqa: E731
+    for (model, task, precision, ptq, seed), group in itertools.groupby(sorted(ok, key=group_key), key=group_key):
+        group = sorted(group, key=lambda r: CALIBRATOR_ORDER.index(r["calibrator"]) if r["calibrator"] in CALIBRATOR_ORDER else 99)
+        samples = {r["key"]: load_samples(rows_dir, r["key"]) for r in group}
+        for a, b in itertools.combinations(group, 2):
+            if samples[a["key"]] is None or samples[b["key"]] is None:
+                continue
+            ci = paired_bootstrap(samples[b["key"]], samples[a["key"]], metric_function(a["task_class"]), n_boot=n_boot, seed=seed)
+            out.append(dict(model=model, task=task, precision=precision, ptq=ptq, seed=seed, metric=a["metric"],
+                            calibrator=b["calibrator"], versus=a["calibrator"], **ci))
+    return pd.DataFrame(out, columns=["model", "task", "precision", "ptq", "seed", "metric", "calibrator", "versus",
+                                      "diff", "lo", "hi", "significant"])
+
+
+def write_pairs(pairs: pd.DataFrame, out: Path) -> None:
+    """Write ``pairs.csv`` and ``pairs.md`` (differences with 95% intervals; n.s. when 0 is inside)."""
+    pairs.to_csv(out / "pairs.csv", index=False, float_format="%.6g")
+    lines = ["| model | task | precision | ptq | seed | comparison | difference [95% CI] |", "|---|---|---|---|---|---|---|"]
+    for r in pairs.itertuples(index=False):
+        mark = "" if r.significant else " n.s."
+        lines.append(f"| {r.model} | {r.task} | {r.precision} | {r.ptq} | {r.seed} | {r.calibrator} − {r.versus} "
+                     f"| {r.diff:+.2f} [{r.lo:+.2f}, {r.hi:+.2f}]{mark} |")
+    (out / "pairs.md").write_text("\n".join(lines) + "\n")
+
+
 def build_report(rows_dir: Path, out: Path) -> pd.DataFrame:
     """Read rows from ``rows_dir`` and write tables and plots to ``out``."""
     rows = read_rows([rows_dir])
@@ -120,6 +172,7 @@ def build_report(rows_dir: Path, out: Path) -> pd.DataFrame:
     write_tables(df, out)
     plot_metric(df, out)
     plot_fitness(rows, out)
+    write_pairs(pair_table(rows, rows_dir), out)
     log.info("wrote %s (%d runs)", out, len(df))
     return df
 
