@@ -91,7 +91,8 @@ class QuantizedModel(nn.Module):
                 _weight_minmax(wq, module.weight)
             elif method == "mse":
                 from esc.calibrators.mse import mse_clip  # local import: calibrators depend on this module
-                wq.set_clip_range(mse_clip(module.weight.detach(), wq))
+                clip = mse_clip(module.weight.detach(), wq)  # c (symmetric) or (lo, hi) (asymmetric)
+                wq.set_clip_range(*clip) if isinstance(clip, tuple) else wq.set_clip_range(clip)
             else:
                 raise ValueError(f"unknown weight calibration {method!r}; use 'minmax' or 'mse'")
 

@@ -13,7 +13,7 @@ plus the attention matmuls of transformer blocks):
   modules (a float model is unaffected: ``MatMul`` is just ``torch.matmul``).
 
 The quantized weight is cached while gradients are off (calibration, evaluation), keyed by the
-weight's storage, version counter and the weight quantizer's scale, so it is recomputed only
+weight's storage, version counter and the weight quantizer's scale and zero point tensors, so it is recomputed only
 when the weight or its scale changes.
 """
 from __future__ import annotations
@@ -51,9 +51,13 @@ class _WeightQuantMixin:
             return self.weight
         if torch.is_grad_enabled():
             return wq(self.weight)
-        key = (self.weight.data_ptr(), self.weight._version, wq.scale.data_ptr(), wq.scale._version)
-        if key != self._wq_key:
-            self._wq_cache, self._wq_key = wq(self.weight), key
+        # The key holds the scale / zero-point tensors themselves (compared by identity), not only
+        # their addresses: a freed scale's address can be reused by a new scale whose version
+        # counter is again 0, which would silently return a stale quantized weight.
+        key = (self.weight.data_ptr(), self.weight._version, wq.scale._version, wq.zero_point._version)
+        old = self._wq_key
+        if old is None or old[0] != key or old[1] is not wq.scale or old[2] is not wq.zero_point:
+            self._wq_cache, self._wq_key = wq(self.weight), (key, wq.scale, wq.zero_point)
         return self._wq_cache
 
 

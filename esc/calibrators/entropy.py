@@ -1,0 +1,159 @@
+"""Entropy (KL-divergence) calibration, the TensorRT method."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+import torch
+
+from esc.calibrators.base import StatisticCalibrator
+from esc.calibrators.histogram import HistogramObserver
+from esc.quant.quantizer import QuantizationError, UniformQuantizer
+
+
+def smooth_distribution(p: torch.Tensor, valid: torch.Tensor, eps: float) -> torch.Tensor:
+    """The standard KL smoothing (MXNet / TVM ``_smooth_distribution``), row-wise on ``[C, n]``.
+
+    Inside ``valid`` (the first ``i`` entries of each row): every zero entry gets ``+eps`` and every
+    non-zero entry ``-eps * n_zeros / n_nonzeros``, so the row sum is unchanged. Rows without a
+    non-zero entry, or where smoothing would make an entry non-positive, are returned as NaN rows
+    (the caller scores them ``inf``, where MXNet raises).
+    """
+    zero = (p == 0) & valid
+    nonzero = (p != 0) & valid
+    n0 = zero.sum(dim=1, keepdim=True).double()
+    n1 = nonzero.sum(dim=1, keepdim=True).double()
+    eps1 = eps * n0 / n1.clamp(min=1)
+    out = p + eps * zero.double() - eps1 * nonzero.double()
+    bad = (n1 == 0).squeeze(1) | ((out <= 0) & valid).any(dim=1)
+    out[bad] = float("nan")
+    return out
+
+
+def kl_divergences(hist: torch.Tensor, num_levels: int, candidates: torch.Tensor, eps: float = 1e-4,
+                   chunk_elems: int = 1 << 20) -> torch.Tensor:
+    """KL(P_i || Q_i) for every candidate cut ``i`` (number of kept bins), vectorised over candidates.
+
+    For a cut ``i`` (bins ``0..i-1`` kept):
+
+    * ``P_i = hist[:i]`` with the outlier mass ``sum(hist[i:])`` added to ``P_i[i-1]``;
+    * the kept bins are merged into ``num_levels`` levels, bin ``j`` going to level
+      ``floor(j * num_levels / i)`` (equal-width levels over ``[0, i w]``); level sums are taken from
+      ``hist[:i]`` *without* the outliers (as TensorRT / ModelOpt / MXNet do, so clipped mass is
+      penalised); each level's sum is spread evenly over the bins of that level where ``P_i`` is
+      non-zero, giving ``Q_i`` (zero where ``P_i`` is zero);
+    * both are smoothed with :func:`smooth_distribution` (``eps``), normalised, and
+      ``KL = sum P log(P / Q)``. Candidates whose smoothing fails score ``inf``.
+    """
+    hist = hist.double()
+    n = hist.numel()
+    total_right = torch.flip(torch.cumsum(torch.flip(hist, [0]), 0), [0])  # total_right[j] = sum(hist[j:])
+    total_right = torch.cat([total_right, torch.zeros(1, dtype=torch.float64)])
+    out = torch.empty(candidates.numel(), dtype=torch.float64)
+    j = torch.arange(n)
+    rows = max(1, chunk_elems // max(n, 1))
+    for start in range(0, candidates.numel(), rows):
+        cand = candidates[start:start + rows].long()
+        c = cand.numel()
+        width = int(cand.max())
+        jj = j[:width]
+        valid = jj.unsqueeze(0) < cand.unsqueeze(1)  # [c, width]
+        sliced = hist[:width].unsqueeze(0).expand(c, width) * valid
+        p = sliced.clone()
+        p[torch.arange(c), cand - 1] += total_right[cand]
+        level = torch.div(jj.unsqueeze(0) * num_levels, cand.unsqueeze(1), rounding_mode="floor")
+        level = torch.where(valid, level, torch.full_like(level, num_levels))  # dump column for j >= i
+        p_nonzero = (p != 0) & valid
+        sums = torch.zeros(c, num_levels + 1, dtype=torch.float64).scatter_add_(1, level, sliced)
+        counts = torch.zeros(c, num_levels + 1, dtype=torch.float64).scatter_add_(1, level, p_nonzero.double())
+        avg = sums / counts.clamp(min=1)
+        q = torch.gather(avg, 1, level) * p_nonzero
+        ps = smooth_distribution(p, valid, eps)
+        qs = smooth_distribution(q, valid, eps)
+        ps = ps / ps.sum(dim=1, keepdim=True)
+        qs = qs / qs.sum(dim=1, keepdim=True)
+        terms = torch.where(valid & (ps > 0), ps * torch.log(ps / qs), torch.zeros_like(ps))
+        kl = terms.sum(dim=1)
+        kl = torch.where(torch.isnan(kl), torch.full_like(kl, math.inf), kl)
+        out[start:start + c] = kl
+    return out
+
+
+class EntropyObserver(HistogramObserver):
+    """Histogram of ``|x|`` whose clip minimises the TensorRT KL divergence."""
+
+    def __init__(self, quantizer: UniformQuantizer, num_bins: int, start_bin: int, stride: int, eps: float,
+                 num_levels: Optional[int], max_bins: Optional[int]) -> None:
+        super().__init__(quantizer, num_bins, max_bins)
+        self.start_bin, self.stride, self.eps, self.num_levels_override = start_bin, stride, eps, num_levels
+        self.divergences: Optional[torch.Tensor] = None
+
+    @property
+    def num_levels(self) -> int:
+        """Levels of the magnitude grid: the quantizer's non-negative levels ``qmax + 1``.
+
+        Symmetric signed: ``2^(bits-1)`` (128 at 8 bits, TensorRT's value); symmetric unsigned: ``2^bits``.
+        Asymmetric: ``2^bits`` when the observed tensor is non-negative, else ``2^(bits-1)``.
+        """
+        if self.num_levels_override is not None:
+            return int(self.num_levels_override)
+        q = self.quantizer
+        if q.symmetric:
+            return q.qmax + 1
+        return 2 ** q.bits if self.min >= 0 else 2 ** (q.bits - 1)
+
+    def clip_range(self):
+        """``c = i* w`` (the upper edge of the last kept bin, TensorRT's ``bin_edges[i]`` convention)."""
+        if self.hist is None:
+            return self.symmetric_to_range(0.0)
+        n = self.hist.numel()
+        start = min(self.start_bin, n)
+        candidates = torch.arange(start, n + 1, self.stride)
+        self.candidates = candidates
+        self.divergences = kl_divergences(self.hist, self.num_levels, candidates, self.eps)
+        if not torch.isfinite(self.divergences).any():
+            best = n  # no scorable cut: keep the full range
+        else:
+            div = self.divergences.numpy()
+            last = len(div) - 1 - int(np.argmin(div[::-1]))  # ties -> the largest cut (ModelOpt)
+            best = int(candidates[last])
+        return self.symmetric_to_range(min(best * self.width, self.amax))
+
+
+class EntropyCalibrator(StatisticCalibrator):
+    """TensorRT entropy calibration: clip where KL(P || Q) between the clipped and quantized histograms is smallest.
+
+    Definition: one FP pass fills a :class:`~esc.calibrators.histogram.HistogramObserver` of ``|x|``
+    (``num_bins`` bins of width ``w = max(first batch) / num_bins``, grown by appending bins). For
+    every cut ``i`` in ``range(start_bin, n_bins + 1, stride)`` the divergence of
+    :func:`kl_divergences` is computed with ``num_levels`` = the quantizer's non-negative levels
+    (``qmax + 1``: 128 at INT8, 8 at INT4 for signed symmetric grids) and smoothing ``eps``; the
+    arg-min (ties: largest cut) gives ``c = i w`` (TensorRT's edge convention ``bin_edges[i]``),
+    capped at the exact ``max |x|``. Symmetric quantizers get ``[-c, c]``, asymmetric ones ``[-c, c]``
+    intersected with the observed range. Per-tensor quantizers only.
+
+    ``start_bin`` is the smallest cut considered. The TensorRT default 128 (of 2048 bins) forbids
+    clipping below 128/2048 = 6.25% of the (first batch's) max: harmless at 8 bits, but at 4 bits
+    on wide-range speech activations the best clip is often far below that, so lower ``start_bin``
+    (it must stay >= ``num_levels`` for the merge to be meaningful) when studying INT4.
+
+    Args:
+        num_bins: histogram bins (2048). start_bin: first cut (128). stride: step between cuts (1).
+        eps: KL smoothing constant (1e-4). num_levels: override the number of levels (None: from
+            the quantizer). max_bins: cap on bins after growth (default ``16 * num_bins``).
+    """
+
+    name = "entropy"
+
+    def __init__(self, num_bins: int = 2048, start_bin: int = 128, stride: int = 1, eps: float = 1e-4,
+                 num_levels: Optional[int] = None, max_bins: Optional[int] = None) -> None:
+        if not 1 <= start_bin <= num_bins:
+            raise QuantizationError(f"start_bin={start_bin} must be within 1..num_bins={num_bins}")
+        if stride < 1:
+            raise QuantizationError(f"stride={stride} must be >= 1")
+        self.num_bins, self.start_bin, self.stride, self.eps = int(num_bins), int(start_bin), int(stride), float(eps)
+        self.num_levels, self.max_bins = num_levels, max_bins
+
+    def make_observer(self, quantizer: UniformQuantizer) -> EntropyObserver:
+        return EntropyObserver(quantizer, self.num_bins, self.start_bin, self.stride, self.eps, self.num_levels, self.max_bins)
