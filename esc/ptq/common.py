@@ -1,0 +1,195 @@
+"""Helpers shared by the PTQ methods: layer discovery, forward order, hook-based capture, float reference.
+
+Everything here runs a model only through ``CalibrationData.forward`` and forward (pre-)hooks, so
+it works on any model the calibrators work on (no tracing).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any, Iterator, Optional
+
+import torch
+from torch import nn
+
+from esc.calibrators.base import CalibrationData
+from esc.quant.model import QuantizedModel
+from esc.quant.modules import QuantConv1d, QuantConv2d, QuantLinear
+from esc.quant.quantizer import QuantizationError, UniformQuantizer
+
+log = logging.getLogger(__name__)
+
+QUANT_LAYERS = (QuantLinear, QuantConv1d, QuantConv2d)
+
+
+def require_quantized(model: nn.Module, method: str) -> QuantizedModel:
+    """Check that an "after" method received a :class:`QuantizedModel`."""
+    if not isinstance(model, QuantizedModel):
+        raise QuantizationError(f"PTQ method {method!r} acts after calibration and needs a QuantizedModel, got "
+                                f"{type(model).__name__}; call it on quantize_model(...) output (stage='after')")
+    return model
+
+
+def quantized_layers(model: nn.Module, need_weight_quant: bool = False) -> dict[str, nn.Module]:
+    """Quantized Linear/Conv layers by module path (optionally only those whose weight quantizer is on)."""
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, QUANT_LAYERS) and (not need_weight_quant or m.weight_quantizer.enabled)}
+
+
+def channel_dim(layer: nn.Module) -> int:
+    """Output-channel dim of a layer's output: last for Linear, 1 for Conv."""
+    return -1 if isinstance(layer, nn.Linear) else 1
+
+
+def out_channels(layer: nn.Module) -> int:
+    """Number of output channels of a Linear/Conv layer."""
+    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+
+
+def float_layer_forward(layer: nn.Module, x: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The layer's float computation (no input quantizer; ``weight`` defaults to the float weight)."""
+    w = layer.weight if weight is None else weight
+    if isinstance(layer, nn.Linear):
+        return nn.functional.linear(x, w, layer.bias)
+    return layer._conv_forward(x, w, layer.bias)
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass early."""
+
+
+def run_batches(model: nn.Module, data: CalibrationData, limit: Optional[int] = None) -> None:
+    """Run ``data.forward`` over the calibration batches without gradients (``limit``: first few only)."""
+    with torch.no_grad():
+        for batch in data.batches[:limit]:
+            try:
+                data.forward(model, batch)
+            except _Stop:
+                pass
+
+
+def forward_order(model: nn.Module, data: CalibrationData, modules: dict[str, nn.Module]) -> list[str]:
+    """Names of ``modules`` in the order they are first called on the first calibration batch.
+
+    Modules that are not called are dropped with a warning (they get no PTQ treatment).
+    """
+    order: list[str] = []
+    handles = []
+    for name, module in modules.items():
+        def hook(mod, args, name=name):
+            if name not in order:
+                order.append(name)
+        handles.append(module.register_forward_pre_hook(hook))
+    try:
+        run_batches(model, data, limit=1)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [n for n in modules if n not in order]
+    if missing:
+        log.warning("%d module(s) are not on the forward path of the calibration data and are left as is: %s",
+                    len(missing), ", ".join(missing[:5]))
+    return order
+
+
+def detach_tree(obj: Any) -> Any:
+    """Detach every tensor in a (nested) tuple/list/dict."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach()
+    if isinstance(obj, dict):
+        return {k: detach_tree(v) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(detach_tree(v) for v in obj)
+    return obj
+
+
+def first_tensor(obj: Any) -> torch.Tensor:
+    """The first tensor in a (nested) output (a block returning ``(hidden, attn)`` gives ``hidden``)."""
+    if isinstance(obj, torch.Tensor):
+        return obj
+    items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (tuple, list)) else ()
+    for item in items:
+        try:
+            return first_tensor(item)
+        except TypeError:
+            continue
+    raise TypeError(f"no tensor in module output of type {type(obj).__name__}")
+
+
+def capture(model: nn.Module, data: CalibrationData, module: nn.Module, inputs: bool = False,
+            outputs: bool = False) -> tuple[list[tuple[tuple, dict]], list[torch.Tensor]]:
+    """Run the calibration set once and record every call of ``module``.
+
+    Returns ``(calls, outs)``: ``calls`` holds the detached ``(args, kwargs)`` of each call (when
+    ``inputs``), ``outs`` the first tensor of each call's output (when ``outputs``).
+    """
+    calls: list[tuple[tuple, dict]] = []
+    outs: list[torch.Tensor] = []
+    handles = []
+    if inputs:
+        handles.append(module.register_forward_pre_hook(
+            lambda mod, args, kwargs: calls.append((detach_tree(args), detach_tree(kwargs))), with_kwargs=True))
+    if outputs:
+        handles.append(module.register_forward_hook(lambda mod, args, out: outs.append(first_tensor(out).detach())))
+    try:
+        run_batches(model, data)
+    finally:
+        for h in handles:
+            h.remove()
+    return calls, outs
+
+
+def all_quantizers(model: nn.Module) -> Iterator[UniformQuantizer]:
+    """Every quantizer module in ``model``."""
+    return (m for m in model.modules() if isinstance(m, UniformQuantizer))
+
+
+@contextlib.contextmanager
+def float_reference(model: nn.Module, original_weights: Optional[dict[nn.Module, torch.Tensor]] = None):
+    """Run ``model`` as its float original: every quantizer off and ``original_weights`` put back.
+
+    ``original_weights`` maps a layer to its float weight for layers whose weight a PTQ method has
+    already replaced (e.g. AdaRound's rounded weights); everything is restored on exit.
+    """
+    quantizers = list(all_quantizers(model))
+    states = [q.enabled for q in quantizers]
+    swapped = {}
+    try:
+        for q in quantizers:
+            q.enabled = False
+        with torch.no_grad():
+            for layer, w in (original_weights or {}).items():
+                swapped[layer] = layer.weight.detach().clone()
+                layer.weight.copy_(w)  # in-place under no_grad: bumps the version (weight cache stays valid)
+        yield model
+    finally:
+        for q, s in zip(quantizers, states):
+            q.enabled = s
+        with torch.no_grad():
+            for layer, w in swapped.items():
+                layer.weight.copy_(w)
+
+
+@contextlib.contextmanager
+def frozen_parameters(model: nn.Module):
+    """Set ``requires_grad=False`` on every parameter of ``model`` (restored on exit)."""
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+
+
+@contextlib.contextmanager
+def no_fastpath(module: nn.Module):
+    """Attach a no-op forward pre-hook so fused fast paths (``nn.TransformerEncoderLayer`` in eval mode
+    with frozen weights) cannot bypass the quantized sub-modules."""
+    handle = module.register_forward_pre_hook(lambda mod, args: None)
+    try:
+        yield
+    finally:
+        handle.remove()
