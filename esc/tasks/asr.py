@@ -1,0 +1,305 @@
+"""Speech recognition with Whisper: WER/CER of greedy transcripts; teacher-forced calibration loss.
+
+Data (:mod:`esc.data.asr`): synthesised English sentences with reference transcripts, one test
+split and one training (calibration) split per voice, with different sentence seeds.
+
+Evaluation: greedy decoding from Whisper's prompt ``bundle.extras["prompt_ids"]``; at every step
+the ``suppress_ids`` logits are set to -inf, and at the first step also ``suppress_ids_begin``
+(as CTranslate2 does); decoding stops at ``eos_id`` or after ``max_new_tokens`` tokens.
+Hypotheses and references go through Whisper's ``EnglishTextNormalizer`` (transformers) before
+jiwer counts errors. ``WER = sum(word edits) / sum(reference words)`` over the test clips (the
+corpus-level WER, as jiwer computes it on a list); CER likewise on characters. Also reported:
+``WER_<voice>`` / ``CER_<voice>`` per voice, and ``per_sample`` edit and length counts (plus the
+hypotheses) for the paired bootstrap.
+
+Calibration (:meth:`ASRTask.calibration_data`): the FP32 model's own greedy transcripts of the
+calibration clips are the targets (pseudo-labels, computed once per clip and cached). A batch is
+``{"input_features", "decoder_input_ids", "labels"}``: ``decoder_input_ids`` = prompt +
+transcript (right-padded with ``eos_id``), ``labels`` the next token at each position (-100 on
+prompt positions before the first transcript token and on padding). ``forward`` returns the
+teacher-forced decoder logits ``[B, L, vocab]``; ``loss`` is the per-sample mean token cross
+entropy against the labels.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from esc.calibrators.base import CalibrationData
+from esc.data.asr import DEFAULT_ESPEAK_VOICES, Clip, make_clips
+from esc.models.base import ModelBundle
+from esc.tasks.base import Task
+
+log = logging.getLogger(__name__)
+
+IGNORE = -100
+
+
+def english_normalizer(spelling_map: Optional[str | Path] = None):
+    """transformers' Whisper ``EnglishTextNormalizer``.
+
+    Its British -> American spelling map (``english.json`` / ``normalizer.json`` of the Whisper
+    repositories) ships neither in transformers nor in the CTranslate2 wheels; give its path as
+    ``spelling_map`` to use it. Without it the map is empty, which changes nothing for references
+    written in American spelling (ours) unless Whisper itself outputs British spellings.
+    """
+    from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
+
+    mapping = json.loads(Path(spelling_map).read_text()) if spelling_map else {}
+    return EnglishTextNormalizer(mapping)
+
+
+@torch.no_grad()
+def greedy_decode(model: nn.Module, features: torch.Tensor, prompt_ids: Sequence[int], eos_id: int,
+                  max_new_tokens: int, suppress_ids: Sequence[int] = (), suppress_ids_begin: Sequence[int] = ()) -> list[list[int]]:
+    """Greedy transcripts (token ids after the prompt, without ``eos_id``) of a batch of features.
+
+    ``model`` is a ``WhisperForConditionalGeneration`` or a :class:`~esc.quant.model.QuantizedModel`
+    wrapping one (called with keyword arguments; the encoder runs once, the decoder uses its KV cache).
+    """
+    b = features.shape[0]
+    ids = torch.tensor(list(prompt_ids), dtype=torch.long).repeat(b, 1)
+    out = model(input_features=features, decoder_input_ids=ids, use_cache=True)
+    cache, enc = out.cache, out.encoder_last_hidden_state
+    finished = torch.zeros(b, dtype=torch.bool)
+    tokens: list[torch.Tensor] = []
+    suppress = torch.tensor(list(suppress_ids), dtype=torch.long)
+    begin = torch.tensor(list(suppress_ids_begin), dtype=torch.long)
+    logits = out.logits[:, -1].float()
+    for step in range(max_new_tokens):
+        if len(suppress):
+            logits[:, suppress] = -float("inf")
+        if step == 0 and len(begin):
+            logits[:, begin] = -float("inf")
+        nxt = logits.argmax(-1)
+        nxt = torch.where(finished, torch.full_like(nxt, eos_id), nxt)
+        tokens.append(nxt)
+        finished |= nxt == eos_id
+        if bool(finished.all()) or step == max_new_tokens - 1:
+            break
+        out = model(encoder_outputs=(enc,), decoder_input_ids=nxt[:, None], cache=cache, use_cache=True)
+        cache, logits = out.cache, out.logits[:, -1].float()
+    seqs = torch.stack(tokens, 1).tolist() if tokens else [[] for _ in range(b)]
+    return [s[: s.index(eos_id)] if eos_id in s else s for s in seqs]
+
+
+def teacher_forcing_batch(features: torch.Tensor, transcripts: Sequence[Sequence[int]], prompt_ids: Sequence[int],
+                          eos_id: int) -> dict[str, torch.Tensor]:
+    """``{"input_features", "decoder_input_ids", "labels"}`` for teacher forcing on ``transcripts``.
+
+    ``decoder_input_ids[i] = prompt + transcript_i`` right-padded with ``eos_id``; ``labels[i, t]``
+    is the token after position ``t`` (``transcript_i + [eos]`` from the last prompt position on),
+    ``-100`` elsewhere.
+    """
+    p = len(prompt_ids)
+    length = p + max(len(t) for t in transcripts)
+    ids = torch.full((len(transcripts), length), eos_id, dtype=torch.long)
+    labels = torch.full((len(transcripts), length), IGNORE, dtype=torch.long)
+    for i, t in enumerate(transcripts):
+        seq = list(prompt_ids) + list(t)
+        ids[i, : len(seq)] = torch.tensor(seq)
+        target = list(t) + [eos_id]
+        labels[i, p - 1: p - 1 + len(target)] = torch.tensor(target)
+    return {"input_features": features, "decoder_input_ids": ids, "labels": labels}
+
+
+def teacher_forced_logits(model: nn.Module, batch: dict) -> torch.Tensor:
+    """Decoder logits ``[B, L, vocab]`` of ``model`` teacher-forced on ``batch["decoder_input_ids"]``."""
+    return model(input_features=batch["input_features"], decoder_input_ids=batch["decoder_input_ids"], use_cache=False).logits
+
+
+def token_cross_entropy(logits: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Per-sample mean cross entropy ``[B]`` of ``logits`` against ``batch["labels"]`` (-100 ignored)."""
+    labels = batch["labels"]
+    ce = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")
+    mask = (labels != IGNORE).float()
+    return (ce * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+
+def _pad(waves: Sequence[np.ndarray]) -> torch.Tensor:
+    out = np.zeros((len(waves), max(len(w) for w in waves)), np.float32)
+    for i, w in enumerate(waves):
+        out[i, : len(w)] = w
+    return torch.from_numpy(out)
+
+
+class ASRTask(Task):
+    """English ASR on synthesised speech (see the module docstring for every definition).
+
+    Args:
+        data_dir: cache of synthesised clips (``${paths.data}/asr``); ``None`` disables the cache.
+        voices: test/train voices, ``"piper"`` and/or ``"espeak"``; the headline WER pools them.
+        num_test: test clips per voice.
+        num_train: training (calibration pool) clips per voice.
+        test_seed / train_seed: sentence and synthesis seeds of the splits (distinct sentences).
+        rates: speaking-rate factors drawn per clip; snr_db: SNRs drawn per clip (``null`` = clean).
+        espeak_voices / espeak_pitches: eSpeak voice variants and pitches drawn per clip.
+        eval_batch_size / calibration_batch_size: clips per batch.
+        max_new_tokens: decoding bound (``None``: ``bundle.extras["max_new_tokens"]``).
+        spelling_map: optional path of Whisper's ``english.json`` for the normaliser.
+        clips: ``{"test": [Clip...], "train": [Clip...]}`` given directly (tests, own data);
+            overrides the synthesised splits.
+        progress: show tqdm bars.
+    """
+
+    name = "asr"
+    metric = "WER"
+    higher_is_better = False
+
+    def __init__(self, data_dir: Optional[str] = "data/asr", voices: Sequence[str] = ("piper", "espeak"),
+                 num_test: int = 30, num_train: int = 32, test_seed: int = 1000, train_seed: int = 2000,
+                 rates: Sequence[float] = (0.85, 1.0, 1.15), snr_db: Sequence[Optional[float]] = (None, 30.0, 20.0),
+                 espeak_voices: Sequence[str] = DEFAULT_ESPEAK_VOICES, espeak_pitches: Sequence[int] = (35, 50, 65),
+                 eval_batch_size: int = 8, calibration_batch_size: int = 8, max_new_tokens: Optional[int] = None,
+                 spelling_map: Optional[str] = None, clips: Optional[dict] = None, progress: bool = True) -> None:
+        self.data_dir = data_dir
+        self.voices = list(voices)
+        self.num_test, self.num_train = int(num_test), int(num_train)
+        self.test_seed, self.train_seed = int(test_seed), int(train_seed)
+        self.synth = dict(rates=tuple(rates), snr_db=tuple(snr_db), espeak_voices=tuple(espeak_voices),
+                          espeak_pitches=tuple(espeak_pitches))
+        self.eval_batch_size, self.calibration_batch_size = int(eval_batch_size), int(calibration_batch_size)
+        self.max_new_tokens = max_new_tokens
+        self.normalizer = english_normalizer(spelling_map)
+        self.given_clips = clips
+        self.progress = progress
+        self.bundle: Optional[ModelBundle] = None
+        self._pseudo: dict[int, list[int]] = {}
+        self._train_features: dict[int, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------------------- data
+    def _split(self, split: str) -> list[Clip]:
+        if self.given_clips is not None:
+            clips = list(self.given_clips.get(split, []))
+            if not clips:
+                raise ValueError(f"ASRTask(clips=...) has no {split!r} clips; give both 'test' and 'train'")
+            return clips
+        n, seed = (self.num_test, self.test_seed) if split == "test" else (self.num_train, self.train_seed)
+        out: list[Clip] = []
+        for voice in self.voices:
+            out += make_clips(n, seed, voice, cache_dir=self.data_dir, **self.synth)
+        return out
+
+    def _features(self, clips: Sequence[Clip]) -> torch.Tensor:
+        feats = []
+        for s in range(0, len(clips), self.eval_batch_size):
+            feats.append(self.bundle.frontend(_pad([c.wave for c in clips[s:s + self.eval_batch_size]])))
+        return torch.cat(feats)
+
+    def prepare(self, bundle: ModelBundle) -> None:
+        """Synthesise (or load) both splits and cache the test split's front-end features."""
+        for key in ("tokenizer", "prompt_ids", "eos_id"):
+            if key not in bundle.extras:
+                raise ValueError(f"model bundle {bundle.name!r} lacks extras[{key!r}]; ASRTask needs a Whisper-style "
+                                 "bundle (esc.models.whisper.build_whisper)")
+        self.bundle = bundle
+        self.extras = bundle.extras
+        self.test_clips = self._split("test")
+        self.train_clips = self._split("train")
+        self.test_features = self._features(self.test_clips)
+        self.references = [self.normalizer(c.text) for c in self.test_clips]
+        self._pseudo.clear()
+        self._train_features.clear()
+        log.info("ASR task: %d test clips, %d training clips, voices %s", len(self.test_clips), len(self.train_clips),
+                 sorted({c.voice for c in self.test_clips}))
+
+    # ------------------------------------------------------------------------------- decoding
+    @property
+    def _max_new(self) -> int:
+        n = self.max_new_tokens or self.extras.get("max_new_tokens", 96)
+        limit = self.bundle.model.config.max_target_positions - len(self.extras["prompt_ids"]) if self.bundle else n
+        return int(min(n, limit))
+
+    def transcribe(self, model: nn.Module, features: torch.Tensor) -> list[list[int]]:
+        """Greedy token transcripts of ``features`` (batched by ``eval_batch_size``)."""
+        ex = self.extras
+        out: list[list[int]] = []
+        starts = range(0, len(features), self.eval_batch_size)
+        if self.progress:
+            from tqdm import tqdm
+
+            starts = tqdm(starts, desc="transcribing", leave=False)
+        model.eval()
+        for s in starts:
+            out += greedy_decode(model, features[s:s + self.eval_batch_size], ex["prompt_ids"], ex["eos_id"], self._max_new,
+                                 ex.get("suppress_ids", ()), ex.get("suppress_ids_begin", ()))
+        return out
+
+    def decode_text(self, tokens: Sequence[int]) -> str:
+        """Text of a token transcript (special tokens dropped)."""
+        return self.extras["tokenizer"].decode(list(tokens), skip_special_tokens=True).strip()
+
+    # ------------------------------------------------------------------------------- metrics
+    @staticmethod
+    def edit_counts(references: Sequence[str], hypotheses: Sequence[str]) -> dict[str, np.ndarray]:
+        """Per-pair word/char edit counts and reference lengths (normalised text in, jiwer alignment)."""
+        import jiwer
+
+        we, rw, ce, rc = [], [], [], []
+        for ref, hyp in zip(references, hypotheses):
+            if not ref:
+                raise ValueError("a reference transcript is empty after normalisation; WER is undefined for it")
+            w = jiwer.process_words(ref, hyp)
+            c = jiwer.process_characters(ref, hyp)
+            we.append(w.substitutions + w.deletions + w.insertions)
+            rw.append(w.substitutions + w.deletions + w.hits)
+            ce.append(c.substitutions + c.deletions + c.insertions)
+            rc.append(c.substitutions + c.deletions + c.hits)
+        return dict(word_errors=np.array(we), ref_words=np.array(rw), char_errors=np.array(ce), ref_chars=np.array(rc))
+
+    @staticmethod
+    def metric_from_samples(samples: dict) -> float:
+        """Corpus WER: ``sum(word_errors) / sum(ref_words)``."""
+        return float(np.sum(samples["word_errors"]) / max(np.sum(samples["ref_words"]), 1))
+
+    def evaluate(self, model: nn.Module) -> dict:
+        """``WER``, ``CER`` (pooled), ``WER_<voice>``/``CER_<voice>``, ``per_sample`` counts and hypotheses."""
+        if self.bundle is None:
+            raise RuntimeError("call prepare(bundle) before evaluate()")
+        tokens = self.transcribe(model, self.test_features)
+        hyps = [self.normalizer(self.decode_text(t)) for t in tokens]
+        counts = self.edit_counts(self.references, hyps)
+        voices = np.array([c.voice for c in self.test_clips])
+        metrics: dict = {"WER": self.metric_from_samples(counts),
+                         "CER": float(counts["char_errors"].sum() / max(counts["ref_chars"].sum(), 1))}
+        for v in sorted(set(voices)):
+            m = voices == v
+            metrics[f"WER_{v}"] = float(counts["word_errors"][m].sum() / max(counts["ref_words"][m].sum(), 1))
+            metrics[f"CER_{v}"] = float(counts["char_errors"][m].sum() / max(counts["ref_chars"][m].sum(), 1))
+        metrics["mean_tokens"] = float(np.mean([len(t) for t in tokens]))
+        metrics["per_sample"] = {**counts, "voice": voices, "hypothesis": np.array(hyps, dtype=object).astype(str)}
+        return metrics
+
+    # ------------------------------------------------------------------------------- calibration
+    def calibration_data(self, num_samples: int, seed: int) -> CalibrationData:
+        """``num_samples`` training clips (drawn with ``seed``) with the FP32 model's transcripts as targets."""
+        if self.bundle is None:
+            raise RuntimeError("call prepare(bundle) before calibration_data()")
+        pool = len(self.train_clips)
+        if not 0 < num_samples <= pool:
+            raise ValueError(f"calibration.num_samples={num_samples} but the ASR training pool holds {pool} clips "
+                             f"(num_train={self.num_train} per voice x {len(self.voices)} voices); raise task.num_train")
+        idx = np.sort(np.random.default_rng(seed).choice(pool, size=num_samples, replace=False)).tolist()
+        todo = [i for i in idx if i not in self._train_features]
+        if todo:
+            for i, f in zip(todo, self._features([self.train_clips[i] for i in todo])):
+                self._train_features[i] = f
+        todo = [i for i in idx if i not in self._pseudo]
+        if todo:  # FP32 pseudo-labels, once per clip
+            feats = torch.stack([self._train_features[i] for i in todo])
+            for i, t in zip(todo, self.transcribe(self.bundle.model, feats)):
+                self._pseudo[i] = t
+        ex = self.extras
+        batches = []
+        for s in range(0, len(idx), self.calibration_batch_size):
+            chunk = idx[s:s + self.calibration_batch_size]
+            batches.append(teacher_forcing_batch(torch.stack([self._train_features[i] for i in chunk]),
+                                                 [self._pseudo[i] for i in chunk], ex["prompt_ids"], ex["eos_id"]))
+        return CalibrationData(batches, forward=teacher_forced_logits, loss=token_cross_entropy)
