@@ -46,14 +46,26 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
-def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
-    """Quantize and dequantize ``x`` with broadcastable ``scale`` and ``zero_point``.
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, qmin: int, qmax: int) -> torch.Tensor:
+    """Quantize and dequantize ``x`` with broadcastable ``scale`` and ``zero_point`` (``None``: 0).
 
     Gradients flow to ``x`` through the rounding (STE) and inside the clip range, and to ``scale``
-    (as in LSQ), which reconstruction-based PTQ methods use.
+    (as in LSQ), which reconstruction-based PTQ methods use. When no gradient is needed (autograd
+    off, or neither ``x`` nor ``scale`` requires grad) the same values are computed in place on one
+    buffer (calibration and evaluation speed): ``round(x / s)`` then add ``z``, clamp, subtract
+    ``z`` and multiply by ``s``, in the same order as the autograd path, so results are identical.
     """
-    q = torch.clamp(round_ste(x / scale) + zero_point, qmin, qmax)
-    return (q - zero_point) * scale
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad
+                                              or (zero_point is not None and zero_point.requires_grad))
+    if needs_grad:
+        zp = 0.0 if zero_point is None else zero_point
+        q = torch.clamp(round_ste(x / scale) + zp, qmin, qmax)
+        return (q - zp) * scale
+    q = torch.div(x, scale)
+    q.round_()
+    if zero_point is None:
+        return q.clamp_(qmin, qmax).mul_(scale)
+    return q.add_(zero_point).clamp_(qmin, qmax).sub_(zero_point).mul_(scale)
 
 
 class UniformQuantizer(nn.Module):
@@ -162,12 +174,13 @@ class UniformQuantizer(nn.Module):
                 raise QuantizationError(f"quantizer {self.name!r}: batch {x.shape[0]} is not a multiple of the population {pop}")
             shape = (pop, -1) + (1,) * (x.dim() - 1)
             xs = x.reshape(pop, x.shape[0] // pop, *x.shape[1:])
-            out = fake_quantize(xs, self.scale.view(shape), self.zero_point.view(shape), self.qmin, self.qmax)
+            zp = None if self.symmetric else self.zero_point.view(shape)  # symmetric: zero point is 0
+            out = fake_quantize(xs, self.scale.view(shape), zp, self.qmin, self.qmax)
             return out.reshape(x.shape)
         scale, zero_point = self._broadcast(x)
         if self._level_counts is not None:
             self._count_levels(x, scale, zero_point)
-        return fake_quantize(x, scale, zero_point, self.qmin, self.qmax)
+        return fake_quantize(x, scale, None if self.symmetric else zero_point, self.qmin, self.qmax)
 
     def _broadcast(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.granularity == "tensor" or self.scale.dim() == 0:

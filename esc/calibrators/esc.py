@@ -1,0 +1,376 @@
+"""ESC: evolution-strategy calibration of all activation scales at once (the paper's method).
+
+See :class:`ESCCalibrator` for the exact definition and :mod:`esc.calibrators.fitness` for the
+fitness kinds.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from esc.calibrators.base import CalibrationData, CalibrationResult, Calibrator
+from esc.calibrators.fitness import FITNESS_KINDS, FitnessEvaluator
+from esc.quant.model import QuantizedModel
+from esc.quant.modules import QuantConv1d, QuantConv2d, QuantLayerNorm, QuantLinear, QuantMatMul
+from esc.quant.quantizer import QuantizationError, UniformQuantizer, check_finite
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("evotorch", "pycma")
+FINALS = ("mean", "best")
+
+
+# ------------------------------------------------------------------------------------ local step
+def local_grid_fractions(grid: int, min_fraction: float) -> torch.Tensor:
+    """``grid`` geometric fractions from ``min_fraction`` to 1 (inclusive), ascending."""
+    if grid < 1 or not 0 < min_fraction <= 1:
+        raise QuantizationError(f"local grid: need local_grid >= 1 and 0 < local_min_fraction <= 1, got {grid}, {min_fraction}")
+    if grid == 1:
+        return torch.ones(1, dtype=torch.float64)
+    return torch.logspace(math.log10(min_fraction), 0.0, grid, dtype=torch.float64)
+
+
+def _candidate_diffs(x: torch.Tensor, scales: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """``fake_quant(x, s_g) - x`` for every candidate scale ``s_g``: ``[G, *x.shape]`` (symmetric, zero point 0)."""
+    s = scales.view(-1, *([1] * x.dim()))
+    q = torch.div(x.unsqueeze(0), s)
+    q.round_().clamp_(qmin, qmax).mul_(s)
+    return q.sub_(x)
+
+
+class _LocalErrors:
+    """Accumulates, for one quantizer, the summed squared layer-output error of every grid candidate.
+
+    ``layer(diff)`` maps the input error ``fake_quant(x) - x`` (``[G, *x.shape]``) to the output
+    error of the layer (the layer is linear in the quantized operand, bias excluded), so
+    ``layer(diff)`` equals ``out(quantized input) - out(FP input)``.
+    """
+
+    def __init__(self, quantizer: UniformQuantizer, clips: torch.Tensor, max_elements: int) -> None:
+        self.quantizer = quantizer
+        self.scales = (clips / quantizer.qmax).float()
+        self.sse = torch.zeros(len(clips), dtype=torch.float64)
+        self.count = 0
+        self.max_elements = max_elements
+
+    def add(self, x: torch.Tensor, layer: Optional[Callable[[torch.Tensor], torch.Tensor]]) -> None:
+        """Fold one FP input ``x`` of the quantizer into the error sums (``layer=None``: tensor MSE)."""
+        x = x.detach().float()
+        g_total = len(self.scales)
+        chunk = max(1, self.max_elements // max(1, x.numel()))
+        start = 0
+        while start < g_total:
+            n = min(chunk, g_total - start)
+            diff = _candidate_diffs(x, self.scales[start:start + n], self.quantizer.qmin, self.quantizer.qmax)
+            err = layer(diff) if layer is not None else diff
+            if start == 0:
+                per = err[0].numel()
+                self.count += per
+                chunk = max(1, self.max_elements // max(1, x.numel(), per))
+            self.sse[start:start + n] += err.reshape(n, -1).double().pow(2).sum(1)
+            start += n
+
+    def best_scale(self) -> torch.Tensor:
+        """The candidate scale with the smallest MSE (the smallest such scale on ties)."""
+        return self.scales[int(torch.argmin(self.sse))]
+
+
+def _owner_map(qmodel: QuantizedModel) -> dict[int, tuple[str, torch.nn.Module]]:
+    """``id(quantizer) -> (role, module)`` for activation quantizers inside known quantized modules."""
+    owners: dict[int, tuple[str, torch.nn.Module]] = {}
+    for module in qmodel.model.modules():
+        if isinstance(module, (QuantLinear, QuantConv1d, QuantConv2d)):
+            owners[id(module.input_quantizer)] = ("input", module)
+        elif isinstance(module, QuantLayerNorm):
+            owners[id(module.output_quantizer)] = ("tensor", module)
+        elif isinstance(module, QuantMatMul):
+            owners[id(module.a_quantizer)] = ("matmul_a", module)
+            owners[id(module.b_quantizer)] = ("matmul_b", module)
+    return owners
+
+
+def _input_layer(module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The bias-free linear map of a Linear/Conv module on ``[G, B, ...]`` input errors."""
+    if isinstance(module, QuantLinear):
+        return lambda d: F.linear(d, module.quantized_weight())
+
+    def conv(d: torch.Tensor) -> torch.Tensor:
+        out = module._conv_forward(d.reshape(-1, *d.shape[2:]), module.quantized_weight(), None)
+        return out.reshape(d.shape[0], d.shape[1], *out.shape[1:])
+    return conv
+
+
+def local_mse_scales(qmodel: QuantizedModel, data: CalibrationData, grid: int = 100, min_fraction: float = 1e-3,
+                     max_elements: int = 2**22) -> tuple[torch.Tensor, torch.Tensor]:
+    """ESC's local step: per-quantizer grid search of the scale minimising its layer's output MSE.
+
+    For activation quantizer ``i`` with observed max ``m_i = max |x|`` over the calibration set, the
+    candidates are clips ``c = f * m_i`` for the ``grid`` fractions ``f`` of
+    :func:`local_grid_fractions` and scales ``s = c / qmax``. The chosen ``s_i`` minimises the mean
+    over the calibration set of ``(layer(x) - layer(fake_quant(x, s)))^2`` where ``x`` is the
+    quantizer's FP input (all activation quantizers off; weights quantized as currently set, in both
+    terms) and ``layer`` is: the Linear/Conv module for input quantizers (bias cancels), the
+    identity for LayerNorm output quantizers (tensor MSE), ``a @ b`` with the other operand in float
+    for MatMul operand quantizers, and the identity for quantizers of any other module.
+
+    Two passes over the calibration set: one for the maxima, one accumulating the errors of all
+    candidates at once (``max_elements`` bounds the candidate chunk size in elements).
+
+    Returns ``(scales [N], max_abs [N])`` in ``qmodel.activation_quantizers`` order; the model's
+    scales are not changed. A quantizer that only saw zeros gets scale 1.
+    """
+    quantizers = qmodel.activation_quantizers
+    names = list(quantizers)
+    maxima = {name: torch.zeros((), dtype=torch.float32) for name in names}
+    seen = {name: 0 for name in names}
+    states = {name: q.enabled for name, q in quantizers.items()}
+    owners = _owner_map(qmodel)
+    fractions = local_grid_fractions(grid, min_fraction)
+
+    def run(observers: dict[str, Callable], hooks: list) -> None:
+        handles = [m.register_forward_pre_hook(h) for m, h in hooks]
+        try:
+            for name, q in quantizers.items():
+                q.observer, q.enabled = observers.get(name), False
+            with torch.no_grad():
+                for batch in data.batches:
+                    data.forward(qmodel, batch)
+        finally:
+            for h in handles:
+                h.remove()
+            for name, q in quantizers.items():
+                q.observer, q.enabled = None, states[name]
+
+    # pass 1: max |x| of every quantizer's FP input
+    def max_observer(name: str) -> Callable[[torch.Tensor], None]:
+        def observe(x: torch.Tensor) -> None:
+            check_finite(x, name)
+            seen[name] += x.numel()
+            if x.numel():
+                maxima[name] = torch.maximum(maxima[name], x.abs().max().float())
+        return observe
+
+    run({name: max_observer(name) for name in names}, [])
+    for name in names:
+        if seen[name] == 0:
+            raise QuantizationError(f"quantizer {name!r} saw no activations on the calibration data; it is not on the "
+                                    "forward path of the calibration batches (skip it in the model config)")
+
+    # pass 2: output errors of all grid candidates
+    errors = {name: _LocalErrors(quantizers[name], fractions * maxima[name].double(), max_elements) for name in names}
+    observers: dict[str, Callable] = {}
+    matmul_hooks: dict[int, tuple[torch.nn.Module, list]] = {}
+    for name in names:
+        role, module = owners.get(id(quantizers[name]), ("tensor", None))
+        acc = errors[name]
+        if role == "input":
+            observers[name] = (lambda acc, layer: lambda x: acc.add(x, layer))(acc, _input_layer(module))
+        elif role == "tensor":
+            observers[name] = (lambda acc: lambda x: acc.add(x, None))(acc)
+        else:
+            matmul_hooks.setdefault(id(module), (module, []))[1].append((role, acc))
+
+    def matmul_hook(entries: list) -> Callable:
+        def hook(module, args):
+            a, b = args[0].detach().float(), args[1].detach().float()
+            for role, acc in entries:
+                if role == "matmul_a":
+                    acc.add(a, lambda d: torch.matmul(d, b))
+                else:
+                    acc.add(b, lambda d: torch.matmul(a, d))
+        return hook
+
+    run(observers, [(m, matmul_hook(entries)) for m, entries in matmul_hooks.values()])
+    scales = []
+    for name in names:
+        scales.append(errors[name].best_scale() if maxima[name] > 0 else torch.tensor(1.0))
+    return torch.stack(scales).float(), torch.stack([maxima[n] for n in names])
+
+
+# ----------------------------------------------------------------------------------- calibrator
+class ESCCalibrator(Calibrator):
+    """Evolution-strategy calibration (ESC): local per-layer MSE scales, then CMA-ES on all scales.
+
+    Exact definition:
+
+    1. **Local step** (:func:`local_mse_scales`): each activation quantizer ``i`` gets the scale
+       ``s_i`` minimising the MSE between its layer's output with the FP input and with that input
+       quantized (weights as currently quantized in both, so only the input quantization is
+       measured). Layer: the module itself for Linear/Conv input quantizers; the tensor itself
+       (tensor MSE) for LayerNorm output quantizers; the matmul with the other operand in float
+       for MatMul operand quantizers. Grid: ``local_grid`` geometric fractions of the observed
+       ``max |x|`` from ``local_min_fraction`` to 1 (clip ``c = f * max|x|``, ``s = c / qmax``).
+       Two passes over the calibration set (max, then errors of all candidates batched).
+    2. **Global step**: CMA-ES over ``theta`` in ``R^N`` (``N`` = number of activation quantizers)
+       with ``scales = s_local * exp(clip(theta, -theta_bound, theta_bound))``, starting at
+       ``theta = 0`` with step size ``sigma0``, population ``popsize`` (``None``: CMA-ES default
+       ``4 + floor(3 ln N)``), for ``generations`` generations (``separable``: diagonal covariance).
+       ``backend="evotorch"`` uses ``evotorch.algorithms.CMAES`` on a vectorized, seeded
+       ``evotorch.Problem`` (``num_actors`` passed through: Ray actors fan out the fitness
+       evaluation; ``None`` = in process); ``backend="pycma"`` uses ``cma.CMAEvolutionStrategy``
+       (seed ``seed + 1``, since pycma treats 0 as "random"; stopping criteria are ignored so
+       exactly ``generations`` generations run) as a cross-check.
+    3. **Fitness** (:mod:`esc.calibrators.fitness`) of a population: one batched forward pass over
+       the calibration set with the quantizers holding ``[P]`` scales (``batched=False``: one pass
+       per candidate, same values); ``fitness="task"``: mean per-sample task loss; ``"kl"``: mean
+       ``KL(softmax FP logits || softmax quantized logits)`` over the last dim; ``"mse"``: MSE to
+       the FP outputs. FP outputs (every quantizer off) are computed once and cached.
+       ``max_batch`` bounds the samples per forward by splitting the population into chunks.
+    4. **Result**: ``final="mean"``: the mean of the final search distribution (the paper);
+       ``"best"``: the best sample seen in any generation. **Guard**: if the result's fitness is
+       worse than the local start's, the local scales are kept (and a warning is logged).
+
+    ``CalibrationResult.history``: ``best`` and ``mean`` population fitness and ``sigma`` per
+    generation (length ``generations``), ``local_fitness``, ``search_fitness`` (fitness of the
+    search result before the guard), ``final_fitness`` (of the scales set) and ``kept_local``
+    (1.0 if the guard fired), each a one-element list. ``forward_passes`` counts full passes over
+    the calibration set: 2 (local step) + 1 (FP reference, kl/mse only) + one per evaluated
+    candidate (a batched pass of ``P`` candidates counts ``P``). Deterministic under ``seed``.
+
+    ESC needs symmetric per-tensor activation quantizers (a scale per quantizer, zero point 0).
+    """
+
+    name = "esc"
+
+    def __init__(self, generations: int = 100, popsize: Optional[int] = None, sigma0: float = 0.1,
+                 fitness: str = "task", final: str = "mean", backend: str = "evotorch", separable: bool = False,
+                 local_grid: int = 100, local_min_fraction: float = 1e-3, batched: bool = True, seed: int = 0,
+                 num_actors: Optional[int | str] = None, max_batch: Optional[int] = None, theta_bound: float = 10.0,
+                 local_max_elements: int = 2**22, progress: bool = True) -> None:
+        if fitness not in FITNESS_KINDS:
+            raise QuantizationError(f"ESC: unknown fitness {fitness!r}; use one of {FITNESS_KINDS}")
+        if final not in FINALS:
+            raise QuantizationError(f"ESC: unknown final {final!r}; use one of {FINALS}")
+        if backend not in BACKENDS:
+            raise QuantizationError(f"ESC: unknown backend {backend!r}; use one of {BACKENDS}")
+        if generations < 0:
+            raise QuantizationError(f"ESC: generations={generations} must be >= 0")
+        if popsize is not None and popsize < 2:
+            raise QuantizationError(f"ESC: popsize={popsize} must be >= 2 (or None for the CMA-ES default)")
+        if sigma0 <= 0:
+            raise QuantizationError(f"ESC: sigma0={sigma0} must be > 0")
+        self.generations, self.popsize, self.sigma0 = generations, popsize, sigma0
+        self.fitness, self.final, self.backend, self.separable = fitness, final, backend, separable
+        self.local_grid, self.local_min_fraction = local_grid, local_min_fraction
+        self.batched, self.seed, self.num_actors, self.max_batch = batched, seed, num_actors, max_batch
+        self.theta_bound, self.local_max_elements, self.progress = theta_bound, local_max_elements, progress
+
+    # ---------------------------------------------------------------------------------- helpers
+    @staticmethod
+    def default_popsize(n: int) -> int:
+        """CMA-ES default population ``4 + floor(3 ln n)``."""
+        return 4 + int(math.floor(3 * math.log(max(n, 1))))
+
+    def _check(self, qmodel: QuantizedModel) -> None:
+        quantizers = qmodel.activation_quantizers
+        if not quantizers:
+            raise QuantizationError("ESC: the model has no activation quantizers; quantize it with an activation spec first")
+        for name, q in quantizers.items():
+            if not q.symmetric or q.granularity != "tensor":
+                raise QuantizationError(f"ESC: quantizer {name!r} is {'asymmetric' if not q.symmetric else q.granularity}; "
+                                        "ESC calibrates symmetric per-tensor activation scales (use QuantSpec(bits, True, 'tensor'))")
+
+    def _scales(self, s_local: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        if isinstance(theta, torch.Tensor) and type(theta) is not torch.Tensor:
+            theta = theta.as_subclass(torch.Tensor)  # evotorch hands over read-only tensor subclasses
+        theta = torch.as_tensor(theta, dtype=torch.float32).clamp(-self.theta_bound, self.theta_bound)
+        return s_local * torch.exp(theta)
+
+    # ------------------------------------------------------------------------------- calibrate
+    def calibrate(self, qmodel: QuantizedModel, data: CalibrationData) -> CalibrationResult:
+        """Run the local step, then CMA-ES; set the final scales on ``qmodel``."""
+        start = time.perf_counter()
+        self._check(qmodel)
+        s_local, _ = local_mse_scales(qmodel, data, self.local_grid, self.local_min_fraction, self.local_max_elements)
+        t_local = time.perf_counter() - start
+        n = len(s_local)
+        popsize = self.popsize or self.default_popsize(n)
+        evaluator = FitnessEvaluator(qmodel, data, self.fitness, self.batched, self.max_batch)
+        local_fit = float(evaluator(s_local)[0])
+        log.info("ESC: %d activation quantizers, local step %.2fs, local fitness (%s) %.6g; CMA-ES (%s) popsize %d, "
+                 "%d generations, sigma0 %g", n, t_local, self.fitness, local_fit, self.backend, popsize,
+                 self.generations, self.sigma0)
+
+        def objective(theta: torch.Tensor) -> torch.Tensor:
+            return evaluator(self._scales(s_local, theta))
+
+        history: dict[str, list[float]] = {"best": [], "mean": [], "sigma": []}
+        best_theta, best_fit = torch.zeros(n), local_fit
+        run = self._run_evotorch if self.backend == "evotorch" else self._run_pycma
+        try:  # on any error, leave the model with the local scales rather than a population
+            for pop_theta, pop_fit, sigma, center in run(objective, n, popsize):
+                history["best"].append(float(pop_fit.min()))
+                history["mean"].append(float(pop_fit.mean()))
+                history["sigma"].append(float(sigma))
+                i = int(torch.argmin(pop_fit))
+                if float(pop_fit[i]) < best_fit:
+                    best_theta, best_fit = pop_theta[i].clone(), float(pop_fit[i])
+            if self.final == "mean":
+                final_theta = center()
+                search_fit = float(evaluator(self._scales(s_local, final_theta))[0])
+            else:
+                final_theta, search_fit = best_theta, best_fit
+        except BaseException:
+            qmodel.set_activation_scales(s_local)
+            raise
+        kept_local = search_fit > local_fit
+        if kept_local:
+            log.warning("ESC: the search result's fitness %.6g is worse than the local start's %.6g; keeping the local scales",
+                        search_fit, local_fit)
+            final_scales, final_fit = s_local, local_fit
+        else:
+            final_scales, final_fit = self._scales(s_local, final_theta), search_fit
+        qmodel.set_activation_scales(final_scales)
+        passes = 2 + (1 if evaluator.reference is not None else 0) + evaluator.evaluations
+        history.update(local_fitness=[local_fit], search_fitness=[search_fit], final_fitness=[final_fit],
+                       kept_local=[float(kept_local)])
+        seconds = time.perf_counter() - start
+        log.info("ESC: fitness %.6g -> %.6g in %.1fs (%d candidate evaluations)", local_fit, final_fit, seconds,
+                 evaluator.evaluations)
+        return CalibrationResult(seconds=seconds, forward_passes=passes, history=history)
+
+    # --------------------------------------------------------------------------------- backends
+    def _bar(self):
+        return tqdm(range(self.generations), desc=f"ESC ({self.backend})", disable=not self.progress, leave=False)
+
+    def _run_evotorch(self, objective, n: int, popsize: int):
+        """Yield ``(theta [P, N], fitness [P], sigma, center_fn)`` per generation with evotorch's CMAES."""
+        from evotorch import Problem
+        from evotorch.algorithms import CMAES
+
+        problem = Problem("min", objective, solution_length=n, initial_bounds=(-self.sigma0, self.sigma0),
+                          vectorized=True, seed=self.seed, num_actors=self.num_actors, dtype=torch.float32,
+                          eval_dtype=torch.float64, device="cpu", store_solution_stats=False)
+        with warnings.catch_warnings():  # evotorch copy-constructs its own weight tensor (harmless UserWarning)
+            warnings.filterwarnings("ignore", message="To copy construct from a tensor", category=UserWarning)
+            searcher = CMAES(problem, stdev_init=self.sigma0, popsize=popsize, center_init=[0.0] * n,
+                             separable=self.separable)
+        center = lambda: searcher.m.detach().clone().float()  # noqa: E731
+        for _ in self._bar():
+            searcher.step()
+            pop = searcher.population
+            yield pop.values.detach().clone(), pop.evals[:, 0].detach().clone(), float(searcher.sigma), center
+
+    def _run_pycma(self, objective, n: int, popsize: int):
+        """Yield ``(theta [P, N], fitness [P], sigma, center_fn)`` per generation with pycma."""
+        import cma
+
+        opts = {"popsize": popsize, "seed": self.seed + 1, "verbose": -9, "verb_disp": 0, "verb_log": 0,
+                "CMA_diagonal": bool(self.separable), "maxiter": max(self.generations, 1), "tolfun": 0, "tolx": 0,
+                "tolfunhist": 0, "tolstagnation": 10**9, "tolflatfitness": 10**9}
+        es = cma.CMAEvolutionStrategy(np.zeros(n), self.sigma0, opts)
+        center = lambda: torch.as_tensor(np.asarray(es.mean), dtype=torch.float32)  # noqa: E731
+        for _ in self._bar():
+            xs = es.ask()
+            theta = torch.as_tensor(np.asarray(xs), dtype=torch.float32)
+            fit = objective(theta)
+            es.tell(xs, fit.double().tolist())
+            yield theta, fit, float(es.sigma), center

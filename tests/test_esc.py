@@ -1,0 +1,263 @@
+"""Tests of the ESC calibrator (esc.calibrators.esc) and its fitness functions (esc.calibrators.fitness).
+
+Tiny models from tests/models.py; every test runs in a few seconds on one CPU core.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from esc.calibrators.base import CalibrationData
+from esc.calibrators.esc import ESCCalibrator, local_grid_fractions, local_mse_scales
+from esc.calibrators.fitness import FitnessEvaluator, kl_per_sample, mse_per_sample
+from esc.quant.model import QuantSpec, quantize_model
+from esc.quant.modules import MatMul
+from esc.quant.quantizer import QuantizationError
+
+from models import TinyMLP, TinyTransformer, classification_data, heavy_tailed
+
+W4A4 = dict(weight=QuantSpec(4, True, "channel"), activation=QuantSpec(4, True, "tensor"))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def transformer_setup():
+    model = TinyTransformer().eval()
+    data = classification_data(model, torch.randn(24, 8, 10, generator=torch.Generator().manual_seed(1)), batch_size=8)
+    return model, data
+
+
+def _esc(**kw) -> ESCCalibrator:
+    kw.setdefault("generations", 8)
+    kw.setdefault("progress", False)
+    return ESCCalibrator(**kw)
+
+
+# ----------------------------------------------------------------------------------- fitness
+def test_kl_and_mse_per_sample_known_values():
+    ref = torch.tensor([[0.0, 0.0], [1.0, -1.0]])
+    assert torch.allclose(kl_per_sample(ref, ref), torch.zeros(2), atol=1e-7)
+    out = torch.tensor([[math.log(3.0), 0.0], [1.0, -1.0]])  # softmax (3/4, 1/4) vs reference (1/2, 1/2)
+    expected = 0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25)
+    assert kl_per_sample(out, ref)[0].item() == pytest.approx(expected, rel=1e-5)
+    assert kl_per_sample(out, ref)[1].item() == pytest.approx(0.0, abs=1e-6)
+    pop = torch.stack([ref, out])  # [P=2, B=2, C]
+    assert kl_per_sample(pop, ref).shape == (2, 2)
+    assert torch.allclose(mse_per_sample(pop, ref)[1], torch.tensor([math.log(3.0) ** 2 / 2, 0.0]))
+
+
+@pytest.mark.parametrize("kind", ["task", "kl", "mse"])
+def test_batched_and_one_by_one_fitness_agree(transformer_setup, kind):
+    model, data = transformer_setup
+    qmodel = quantize_model(model, **W4A4)
+    s_local, _ = local_mse_scales(qmodel, data, grid=20)
+    g = torch.Generator().manual_seed(3)
+    population = s_local * torch.exp(0.3 * torch.randn(6, len(s_local), generator=g))
+    batched = FitnessEvaluator(qmodel, data, kind, batched=True)(population)
+    one_by_one = FitnessEvaluator(qmodel, data, kind, batched=False)(population)
+    chunked = FitnessEvaluator(qmodel, data, kind, batched=True, max_batch=20)(population)  # chunks of 2 candidates
+    assert batched.shape == (6,)
+    assert torch.allclose(batched, one_by_one, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(batched, chunked, rtol=1e-5, atol=1e-7)
+    assert batched.std() > 0  # the candidates really differ
+
+
+def test_fp_reference_is_float_model(transformer_setup):
+    model, data = transformer_setup
+    qmodel = quantize_model(model, **W4A4)
+    ev = FitnessEvaluator(qmodel, data, "mse")
+    with torch.no_grad():
+        assert torch.allclose(ev.reference[0], model(data.batches[0][0]), atol=1e-6)
+    assert all(q.enabled for q in qmodel.weight_quantizers.values())  # states restored
+
+
+# ------------------------------------------------------------------------------- local step
+def test_local_step_matches_brute_force_linear():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 6))
+    x = heavy_tailed((40, 12), outlier_scale=20.0, outlier_rate=0.01, seed=2)
+    data = CalibrationData([x[:16], x[16:]], forward=lambda m, b: m(b))
+    qmodel = quantize_model(model, **W4A4)
+    grid, min_fraction = 50, 1e-2
+    scales, maxima = local_mse_scales(qmodel, data, grid=grid, min_fraction=min_fraction)
+    assert maxima[0].item() == pytest.approx(x.abs().max().item())
+
+    layer = qmodel.model[0]
+    q = layer.input_quantizer
+    with torch.no_grad():
+        q.enabled = False
+        fp = layer(x)
+        q.enabled = True
+        errors = []
+        candidates = (local_grid_fractions(grid, min_fraction) * x.abs().max().double() / q.qmax).float()
+        for s in candidates:  # one candidate at a time, full layer output (bias included)
+            q.set_scale(s)
+            errors.append(((layer(x) - fp) ** 2).mean().item())
+    best = int(torch.tensor(errors).argmin())
+    assert scales[0].item() == pytest.approx(candidates[best].item(), rel=1e-6)
+    assert 0 < best < grid - 1  # the heavy tail makes clipping pay off: an interior optimum
+
+
+def test_local_step_matmul_operands_and_layernorm_brute_force():
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln, self.mm = nn.LayerNorm(8), MatMul()
+
+        def forward(self, a, b):
+            return self.mm(self.ln(a), b)
+
+    a = heavy_tailed((6, 5, 8), outlier_scale=30.0, outlier_rate=0.02, seed=4)
+    b = heavy_tailed((6, 8, 3), outlier_scale=30.0, outlier_rate=0.02, seed=5)
+    data = CalibrationData([(a, b)], forward=lambda m, batch: m(*batch))
+    qmodel = quantize_model(Model(), **W4A4)
+    names = list(qmodel.activation_quantizers)
+    assert names == ["ln.output_quantizer", "mm.a_quantizer", "mm.b_quantizer"]
+    grid = 40
+    scales, _ = local_mse_scales(qmodel, data, grid=grid)
+    with torch.no_grad():
+        a_ln = F.layer_norm(a, (8,), qmodel.model.ln.weight, qmodel.model.ln.bias)
+    quantizers = qmodel.activation_quantizers
+    targets = {"ln.output_quantizer": (a_ln, lambda t: t),
+               "mm.a_quantizer": (a_ln, lambda t: t @ b),
+               "mm.b_quantizer": (b, lambda t: a_ln @ t)}
+    for i, name in enumerate(names):
+        q = quantizers[name]
+        t, layer = targets[name]
+        candidates = (local_grid_fractions(grid, 1e-3) * t.abs().max().double() / q.qmax).float()
+        errors = []
+        for s in candidates:
+            q.set_scale(s)
+            q.enabled = True
+            errors.append(((layer(q(t)) - layer(t)) ** 2).mean().item())
+        assert scales[i].item() == pytest.approx(candidates[int(torch.tensor(errors).argmin())].item(), rel=1e-6), name
+
+
+def test_local_step_does_not_change_model(transformer_setup):
+    model, data = transformer_setup
+    qmodel = quantize_model(model, **W4A4)
+    local_mse_scales(qmodel, data, grid=10)
+    assert all(not q.is_calibrated and q.enabled and q.observer is None for q in qmodel.activation_quantizers.values())
+
+
+# ---------------------------------------------------------------------------------- ESC runs
+def test_esc_not_worse_than_local_start_and_history(transformer_setup):
+    model, data = transformer_setup
+    qmodel = quantize_model(model, **W4A4)
+    generations = 6
+    result = _esc(generations=generations).calibrate(qmodel, data)
+    h = result.history
+    assert len(h["best"]) == len(h["mean"]) == len(h["sigma"]) == generations
+    assert h["final_fitness"][0] <= h["local_fitness"][0]
+    assert all(b <= m for b, m in zip(h["best"], h["mean"]))
+    # the scales set on the model really have the reported fitness
+    assert FitnessEvaluator(qmodel, data, "task")(qmodel.activation_scales())[0].item() == pytest.approx(h["final_fitness"][0], rel=1e-6)
+    assert all(q.population_size == 0 for q in qmodel.activation_quantizers.values())
+    n = len(qmodel.activation_quantizers)
+    popsize = ESCCalibrator.default_popsize(n)
+    assert popsize == 4 + int(math.floor(3 * math.log(n)))
+    assert result.forward_passes == 2 + 1 + popsize * generations + 1  # local, local fitness, search, final mean
+    assert result.seconds > 0
+
+
+@pytest.fixture(scope="module")
+def mlp_setup():
+    model = TinyMLP().eval()
+    x = heavy_tailed((64, 16), seed=1)
+    return model, x, classification_data(model, x, batch_size=16)
+
+
+@pytest.mark.parametrize("backend", ["evotorch", "pycma"])
+def test_backends_improve_on_local_start(mlp_setup, backend):
+    model, _, data = mlp_setup
+    qmodel = quantize_model(model, **W4A4)
+    h = _esc(generations=15, backend=backend).calibrate(qmodel, data).history
+    assert h["kept_local"] == [0.0]
+    assert h["final_fitness"][0] < h["local_fitness"][0]
+
+
+def test_same_seed_identical_results(transformer_setup):
+    model, data = transformer_setup
+    runs = []
+    for seed in (5, 5, 6):
+        qmodel = quantize_model(model, **W4A4)
+        result = _esc(generations=4, seed=seed, fitness="kl").calibrate(qmodel, data)
+        runs.append((qmodel.activation_scales(), result.history))
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert runs[0][1] == runs[1][1]
+    assert runs[0][1]["best"] != runs[2][1]["best"]  # the seed matters
+
+
+def test_final_best_and_separable(transformer_setup):
+    model, data = transformer_setup
+    qmodel = quantize_model(model, **W4A4)
+    h = _esc(generations=5, final="best", separable=True, fitness="mse", popsize=6).calibrate(qmodel, data).history
+    assert h["final_fitness"][0] == pytest.approx(min(min(h["best"]), h["local_fitness"][0]))
+
+
+def test_guard_keeps_local_scales_when_search_is_worse(transformer_setup, monkeypatch, caplog):
+    model, data = transformer_setup
+    qmodel = quantize_model(model, **W4A4)
+    esc = _esc(generations=2)
+
+    def bad_search(objective, n, popsize):  # a "search" whose final mean rounds everything to 0
+        theta = torch.zeros(popsize, n)
+        for _ in range(esc.generations):
+            yield theta, objective(theta), 0.1, lambda: torch.full((n,), 8.0)
+
+    monkeypatch.setattr(esc, "_run_evotorch", bad_search)
+    s_local, _ = local_mse_scales(qmodel, data)
+    with caplog.at_level("WARNING", logger="esc.calibrators.esc"):
+        h = esc.calibrate(qmodel, data).history
+    assert h["kept_local"] == [1.0]
+    assert h["search_fitness"][0] > h["local_fitness"][0] == h["final_fitness"][0]
+    assert torch.equal(qmodel.activation_scales(), s_local)
+    assert "keeping the local scales" in caplog.text
+
+
+def test_esc_beats_minmax_at_w4a4_on_heavy_tailed_activations(mlp_setup):
+    model, x, data = mlp_setup
+    qmodel = quantize_model(model, **W4A4)
+    _, maxima = local_mse_scales(qmodel, data, grid=2)
+    task = FitnessEvaluator(qmodel, data, "task")
+    minmax_scales = maxima / 7  # max calibration: clip = observed max |x|, qmax = 7 at 4 bits
+    minmax_loss = task(minmax_scales)[0].item()
+    fp_loss = torch.cat([data.loss(model(b[0]), b) for b in data.batches]).mean().item()
+
+    h = _esc(generations=30).calibrate(qmodel, data).history
+    esc_loss = task(qmodel.activation_scales())[0].item()
+    assert esc_loss == pytest.approx(h["final_fitness"][0], rel=1e-6)
+    assert esc_loss < 0.8 * minmax_loss  # closes a clear part of the gap
+    assert (minmax_loss - esc_loss) > 0.3 * (minmax_loss - fp_loss)
+
+    def agreement(scales):
+        qmodel.set_activation_scales(scales)
+        with torch.no_grad():
+            return (qmodel(x).argmax(-1) == model(x).argmax(-1)).float().mean().item()
+    assert agreement(qmodel.activation_scales()) > agreement(minmax_scales) + 0.2
+
+
+# ------------------------------------------------------------------------------------ errors
+def test_bad_configurations_raise(transformer_setup):
+    model, data = transformer_setup
+    with pytest.raises(QuantizationError, match="fitness"):
+        ESCCalibrator(fitness="accuracy")
+    with pytest.raises(QuantizationError, match="backend"):
+        ESCCalibrator(backend="nevergrad")
+    no_loss = CalibrationData(data.batches, data.forward)
+    with pytest.raises(QuantizationError, match="loss"):
+        _esc().calibrate(quantize_model(model, **W4A4), no_loss)
+    asym = quantize_model(model, weight=QuantSpec(4, True, "channel"), activation=QuantSpec(4, False, "tensor"))
+    with pytest.raises(QuantizationError, match="asymmetric"):
+        _esc().calibrate(asym, data)
