@@ -1,0 +1,452 @@
+"""The paper's Hugging Face hub models as :class:`~esc.models.base.ModelBundle` builders (need internet).
+
+Builders (each takes ``name_or_path`` = a hub id or a local directory saved with
+``save_pretrained``, and ``tiny=True`` to build the *same classes* from a tiny random-weight
+config, with no download, for tests; ``config_overrides`` change fields of the tiny config):
+
+* :func:`build_ast_speechcommands`: ``MIT/ast-finetuned-speech-commands-v2``
+  (``ASTForAudioClassification`` + ``ASTFeatureExtractor``; 35 Speech Commands V2 words). The
+  paper's KWS model.
+* :func:`build_ast_audioset`: ``MIT/ast-finetuned-audioset-10-10-0.4593`` (527 AudioSet classes).
+* :func:`build_wav2vec2_ctc`: ``facebook/wav2vec2-base-960h`` (``Wav2Vec2ForCTC``, greedy CTC).
+* :func:`build_conformer_ctc`: ``facebook/wav2vec2-conformer-rope-large-960h-ft``
+  (``Wav2Vec2ConformerForCTC``). Why this Conformer: the paper's Conformer ASR checkpoint is not
+  named; this one is public, fine-tuned on LibriSpeech 960 h (the paper's ASR data), a Conformer
+  encoder (rotary position embeddings, convolution modules) and has a ``transformers`` loader,
+  so it needs neither NeMo nor SpeechBrain.
+* :func:`build_whisper_hub`: ``openai/whisper-base`` (``WhisperForConditionalGeneration``), with
+  the offline Whisper's front end (:class:`esc.models.whisper.WhisperLogMel`), attention
+  ``MatMul`` modules (:func:`esc.models.whisper.add_matmul_modules`) and decoding settings
+  (:func:`esc.models.whisper.decoding_extras`), so :class:`esc.tasks.asr.ASRTask` drives it
+  exactly like the offline Whisper.
+
+The quantized network (``bundle.model``) takes front-end features and returns a logits tensor
+with the batch on dim 0: :class:`LogitsAdapter` wraps the HF model and returns ``.logits``
+(classifiers ``[B, classes]``, CTC ``[B, frames, vocab]``). The front ends are float and
+batched: waveforms ``[B, samples]`` float at 16 kHz in.
+
+Quantization points: :func:`esc.quant.model.quantize_model` swaps ``nn.Linear``, ``nn.Conv1d``,
+``nn.Conv2d`` and ``nn.LayerNorm``. HF attention computes ``Q K^T`` and ``softmax V`` with
+``torch.matmul`` / SDPA inside a function, not modules, so **by default only the inputs of
+Linear/Conv layers and the outputs of LayerNorms are quantization points on these models**; the
+attention products stay float. ``matmul_attention=True`` (AST, wav2vec2, Conformer) routes the
+two attention products through :class:`esc.quant.modules.MatMul` modules with the offline
+Whisper's registered ``esc_matmul`` attention function, making them quantization points too
+(Whisper always uses it). Modules that are not plain ``nn.Conv1d`` (wav2vec2's weight-normed
+positional convolution is a parametrized subclass) and GroupNorm / BatchNorm stay float.
+
+CTC decoding: :class:`CTCGreedyDecoder` (argmax per frame, merge repeats, drop the blank, the
+word delimiter ``|`` becomes a space, other special tokens are dropped) built from the
+tokenizer's vocabulary, in ``bundle.extras["decode"]`` (``decode(logits, lengths=None) ->
+list[str]``); ``extras["output_lengths"]`` maps input sample counts to logit frames.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from esc.models.base import ModelBundle
+
+log = logging.getLogger(__name__)
+
+SAMPLE_RATE = 16000
+MATMUL_ATTENTION = "esc_matmul_hub"  # registered attention implementation (see enable_matmul_attention)
+HUB_IDS = {
+    "ast_speechcommands": "MIT/ast-finetuned-speech-commands-v2",
+    "ast_audioset": "MIT/ast-finetuned-audioset-10-10-0.4593",
+    "wav2vec2_base_960h": "facebook/wav2vec2-base-960h",
+    "conformer_ctc": "facebook/wav2vec2-conformer-rope-large-960h-ft",
+    "whisper_base_hub": "openai/whisper-base",
+}
+
+#: Tiny random configs (same classes as the hub models; seconds to build and run on a CPU).
+TINY_AST = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                num_mel_bins=32, max_length=64, patch_size=16, frequency_stride=10, time_stride=10)
+TINY_W2V2 = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                 conv_dim=(32, 32, 32), conv_stride=(5, 4, 4), conv_kernel=(10, 4, 4), num_conv_pos_embeddings=16,
+                 num_conv_pos_embedding_groups=2, feat_extract_norm="group", do_stable_layer_norm=False,
+                 mask_time_prob=0.0, vocab_size=32)
+TINY_CONFORMER = dict(TINY_W2V2, position_embeddings_type="rotary", conv_depthwise_kernel_size=3,
+                      feat_extract_norm="layer", do_stable_layer_norm=True)
+#: wav2vec2-base-960h's character vocabulary (ids 0..31), used by the tiny CTC models.
+LIBRISPEECH_CHARS = ("<pad>", "<s>", "</s>", "<unk>", "|", "E", "T", "A", "O", "N", "I", "H", "S", "R", "D", "L", "U",
+                     "M", "W", "C", "F", "G", "Y", "P", "B", "V", "K", "'", "X", "J", "Q", "Z")
+
+
+# ------------------------------------------------------------------------------ adapters
+class LogitsAdapter(nn.Module):
+    """An HF model as ``features -> logits`` (batch on dim 0).
+
+    ``forward(x)`` with ``x`` a tensor (``input_values``) or a dict of tensors (``input_values``
+    and optionally ``attention_mask``, as :class:`CTCFrontend` returns) calls the wrapped model
+    and returns its ``.logits``.
+    """
+
+    def __init__(self, hf_model: nn.Module, input_name: str = "input_values") -> None:
+        super().__init__()
+        self.hf = hf_model
+        self.input_name = input_name
+
+    @property
+    def config(self):
+        """The wrapped model's config."""
+        return self.hf.config
+
+    def forward(self, features: Any, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if isinstance(features, Mapping):
+            kwargs = dict(features)
+        else:
+            kwargs = {self.input_name: features}
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask
+        return self.hf(**kwargs).logits
+
+
+class ASTFrontend(nn.Module):
+    """``ASTFeatureExtractor`` batched: ``[B, samples]`` at 16 kHz -> ``[B, max_length, num_mel_bins]``.
+
+    Kaldi fbank (25 ms Hann... as the extractor defines it), padded/cropped to ``max_length``
+    frames, normalised with the extractor's dataset ``mean``/``std`` (``(x - mean) / (2 std)``).
+    """
+
+    def __init__(self, feature_extractor, sample_rate: int = SAMPLE_RATE) -> None:
+        super().__init__()
+        self.fe = feature_extractor
+        self.sample_rate = sample_rate
+
+    @torch.no_grad()
+    def forward(self, wav: torch.Tensor) -> torch.Tensor:
+        wav = _as_batch(wav)
+        out = self.fe([w.numpy() for w in wav], sampling_rate=self.sample_rate, return_tensors="pt")
+        return out["input_values"].float()
+
+
+def valid_lengths(wav: torch.Tensor) -> torch.Tensor:
+    """Per row, the index after the last non-zero sample (trailing exact zeros count as padding)."""
+    nz = wav != 0
+    idx = torch.arange(1, wav.shape[1] + 1, device=wav.device).expand_as(wav)
+    return torch.where(nz, idx, torch.zeros_like(idx)).amax(dim=1)
+
+
+class CTCFrontend(nn.Module):
+    """wav2vec2-style front end: per-utterance zero-mean unit-variance normalisation, batched.
+
+    ``[B, samples]`` -> ``{"input_values": [B, samples], "attention_mask": [B, samples]}`` (the mask
+    only if ``attention_mask=True``, i.e. the checkpoint's feature extractor has
+    ``return_attention_mask``). Rows shorter than the batch width must be zero-padded at the end:
+    each row's length is taken as the position of its last non-zero sample (:func:`valid_lengths`),
+    statistics use only that part (``(x - mean) / sqrt(var + eps)``, as
+    ``Wav2Vec2FeatureExtractor.zero_mean_unit_var_norm``) and the padding stays 0. Without a mask
+    (wav2vec2-base, group-norm feature encoder) the output is the tensor alone, as HF recommends
+    for those checkpoints.
+    """
+
+    def __init__(self, do_normalize: bool = True, attention_mask: bool = False, eps: float = 1e-7) -> None:
+        super().__init__()
+        self.do_normalize, self.attention_mask, self.eps = do_normalize, attention_mask, eps
+
+    @torch.no_grad()
+    def forward(self, wav: torch.Tensor):
+        wav = _as_batch(wav)
+        lengths = valid_lengths(wav).clamp(min=1)
+        mask = (torch.arange(wav.shape[1])[None, :] < lengths[:, None])
+        x = wav
+        if self.do_normalize:
+            n = lengths[:, None].float()
+            mean = (wav * mask).sum(1, keepdim=True) / n
+            var = (((wav - mean) * mask) ** 2).sum(1, keepdim=True) / n
+            x = (wav - mean) / torch.sqrt(var + self.eps) * mask
+        if self.attention_mask:
+            return {"input_values": x, "attention_mask": mask.long()}
+        return x
+
+
+def _as_batch(wav) -> torch.Tensor:
+    wav = torch.as_tensor(wav, dtype=torch.float32)
+    if wav.dim() == 1:
+        wav = wav[None]
+    if wav.dim() != 2:
+        raise ValueError(f"the front end expects waveforms [B, samples], got shape {tuple(wav.shape)}")
+    return wav
+
+
+# ------------------------------------------------------------------------------ CTC decoding
+class CTCGreedyDecoder:
+    """Greedy CTC decoding: argmax per frame, merge repeats, drop ``blank_id``, map ids to tokens.
+
+    The ``word_delimiter`` token becomes a space, tokens in ``drop`` (the tokenizer's special
+    tokens: ``<s>``, ``</s>``, ``<unk>``, ``<pad>``) are removed, runs of spaces are merged and the
+    text is stripped (what ``Wav2Vec2CTCTokenizer.batch_decode`` gives, less ``<unk>``).
+    """
+
+    def __init__(self, vocab: Sequence[str], blank_id: int = 0, word_delimiter: str = "|",
+                 drop: Sequence[str] = ("<s>", "</s>", "<unk>", "<pad>")) -> None:
+        self.vocab = list(vocab)
+        if not 0 <= blank_id < len(self.vocab):
+            raise ValueError(f"blank_id={blank_id} is outside the vocabulary of {len(self.vocab)} tokens")
+        self.blank_id, self.word_delimiter, self.drop = blank_id, word_delimiter, set(drop)
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer) -> "CTCGreedyDecoder":
+        """From a ``Wav2Vec2CTCTokenizer`` (its vocabulary, pad token = blank, word delimiter, special tokens)."""
+        vocab = tokenizer.get_vocab()
+        inv = [""] * (max(vocab.values()) + 1)
+        for tok, i in vocab.items():
+            inv[i] = tok
+        drop = {t for t in (tokenizer.bos_token, tokenizer.eos_token, tokenizer.unk_token, tokenizer.pad_token) if t}
+        return cls(inv, int(tokenizer.pad_token_id), getattr(tokenizer, "word_delimiter_token", "|") or "|", tuple(drop))
+
+    def decode_ids(self, ids: Sequence[int]) -> str:
+        """Text of one frame-level id sequence."""
+        out, prev = [], None
+        for i in ids:
+            i = int(i)
+            if i != prev and i != self.blank_id:
+                tok = self.vocab[i]
+                if tok == self.word_delimiter:
+                    out.append(" ")
+                elif tok not in self.drop:
+                    out.append(tok)
+            prev = i
+        return " ".join("".join(out).split())
+
+    def __call__(self, logits: torch.Tensor, lengths: Optional[Sequence[int]] = None) -> list[str]:
+        """Texts of ``logits`` ``[B, frames, vocab]``; ``lengths`` (frames per row) trims the padding."""
+        if logits.dim() != 3:
+            raise ValueError(f"CTC logits must be [B, frames, vocab], got shape {tuple(logits.shape)}")
+        ids = logits.argmax(dim=-1).cpu()
+        n = [ids.shape[1]] * ids.shape[0] if lengths is None else [int(x) for x in lengths]
+        return [self.decode_ids(row[:k].tolist()) for row, k in zip(ids, n)]
+
+
+# ------------------------------------------------------------------------------ helpers
+def _seeded(seed: int, fn: Callable[[], nn.Module]) -> nn.Module:
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return fn()
+
+
+def enable_matmul_attention(hf_model: nn.Module, attention_classes: Sequence[type]) -> nn.Module:
+    """Give each attention module ``qk_matmul``/``pv_matmul`` :class:`MatMul` modules and switch the
+    model to :data:`MATMUL_ATTENTION`: the offline Whisper's ``esc_matmul`` attention function
+    (:func:`esc.models.whisper.esc_matmul_attention`; the products become quantization points),
+    with a ``position_bias`` (relative positions) folded into the additive mask first."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+
+    from esc.models import whisper
+    from esc.quant.modules import MatMul
+
+    def with_bias(module, query, key, value, attention_mask, position_bias=None, **kwargs):
+        if position_bias is not None:
+            attention_mask = position_bias if attention_mask is None else attention_mask + position_bias
+        return whisper.esc_matmul_attention(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register(MATMUL_ATTENTION, with_bias)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(MATMUL_ATTENTION, eager_mask)
+    for module in hf_model.modules():
+        if isinstance(module, tuple(attention_classes)):
+            module.qk_matmul, module.pv_matmul = MatMul(), MatMul()
+    hf_model.set_attn_implementation(MATMUL_ATTENTION)
+    return hf_model
+
+
+def _finish(hf_model: nn.Module) -> nn.Module:
+    hf_model.eval()
+    for p in hf_model.parameters():
+        p.requires_grad_(False)
+    return hf_model
+
+
+# ------------------------------------------------------------------------------ AST
+def _build_ast(name: str, name_or_path: str, tiny: bool, config_overrides: Optional[dict], labels: Optional[Sequence[str]],
+               matmul_attention: bool, skip_quantization: Sequence[str], seed: int, cache_dir: Optional[str]) -> ModelBundle:
+    from transformers import ASTConfig, ASTFeatureExtractor, ASTForAudioClassification
+    from transformers.models.audio_spectrogram_transformer.modeling_audio_spectrogram_transformer import ASTAttention
+
+    if tiny:
+        labels = list(labels) if labels is not None else [f"class_{i}" for i in range(10)]
+        spec = {**TINY_AST, **(config_overrides or {})}
+        config = ASTConfig(**spec, num_labels=len(labels), id2label=dict(enumerate(labels)),
+                           label2id={l: i for i, l in enumerate(labels)})
+        hf = _seeded(seed, lambda: ASTForAudioClassification(config))
+        fe = ASTFeatureExtractor(num_mel_bins=config.num_mel_bins, max_length=config.max_length)
+        name = f"{name}_tiny"
+    else:
+        hf = ASTForAudioClassification.from_pretrained(name_or_path, cache_dir=cache_dir, **(config_overrides or {}))
+        fe = ASTFeatureExtractor.from_pretrained(name_or_path, cache_dir=cache_dir)
+        labels = [hf.config.id2label[i] for i in range(hf.config.num_labels)]
+    if matmul_attention:
+        enable_matmul_attention(hf, [ASTAttention])
+    extras = {"hub_id": None if tiny else name_or_path, "id2label": dict(enumerate(labels)),
+              "matmul_attention": matmul_attention}
+    return ModelBundle(name=name, model=LogitsAdapter(_finish(hf)), frontend=ASTFrontend(fe).eval(), sample_rate=SAMPLE_RATE,
+                       labels=list(labels), extras=extras, skip_quantization=tuple(skip_quantization))
+
+
+def build_ast_speechcommands(name_or_path: str = HUB_IDS["ast_speechcommands"], tiny: bool = False,
+                             config_overrides: Optional[dict] = None, matmul_attention: bool = False,
+                             skip_quantization: Sequence[str] = (), seed: int = 0, cache_dir: Optional[str] = None,
+                             name: str = "ast_speechcommands") -> ModelBundle:
+    """AST fine-tuned on Speech Commands V2 (35 words; hub labels in the checkpoint's ``id2label`` order).
+
+    Args:
+        name_or_path: hub id or local ``save_pretrained`` directory.
+        tiny: random-weight tiny AST (:data:`TINY_AST` + ``config_overrides``) labelled with the 35
+            Speech Commands words; nothing is downloaded.
+        config_overrides: tiny-config fields (tiny) or ``from_pretrained`` keyword arguments.
+        matmul_attention: make the attention products quantization points (see the module docstring).
+        skip_quantization: module paths to keep float, e.g. ``["hf.classifier.dense"]``.
+    """
+    from esc.data.kws import WORDS
+
+    return _build_ast(name, name_or_path, tiny, config_overrides, WORDS, matmul_attention, skip_quantization, seed, cache_dir)
+
+
+def build_ast_audioset(name_or_path: str = HUB_IDS["ast_audioset"], tiny: bool = False,
+                       config_overrides: Optional[dict] = None, labels: Optional[Sequence[str]] = None,
+                       matmul_attention: bool = False, skip_quantization: Sequence[str] = (), seed: int = 0,
+                       cache_dir: Optional[str] = None, name: str = "ast_audioset") -> ModelBundle:
+    """AST fine-tuned on AudioSet (527 classes, multi-label: sigmoid of the logits).
+
+    ``labels`` names the classes of the tiny model (default ``class_0..9``); see
+    :func:`build_ast_speechcommands` for the other arguments.
+    """
+    return _build_ast(name, name_or_path, tiny, config_overrides, labels, matmul_attention, skip_quantization, seed, cache_dir)
+
+
+# ------------------------------------------------------------------------------ CTC (wav2vec2, Conformer)
+def _ctc_extras(hf: nn.Module, decoder: CTCGreedyDecoder, hub_id: Optional[str], matmul_attention: bool) -> dict:
+    def output_lengths(num_samples):
+        return hf._get_feat_extract_output_lengths(torch.as_tensor(num_samples)).long()
+
+    return {"decode": decoder, "output_lengths": output_lengths, "vocab": decoder.vocab, "blank_id": decoder.blank_id,
+            "hub_id": hub_id, "matmul_attention": matmul_attention, "ctc": True}
+
+
+def _build_ctc(kind: str, name: str, name_or_path: str, tiny: bool, config_overrides: Optional[dict], matmul_attention: bool,
+               skip_quantization: Sequence[str], seed: int, cache_dir: Optional[str]) -> ModelBundle:
+    import transformers as tf
+
+    if kind == "wav2vec2":
+        config_cls, model_cls, tiny_spec = tf.Wav2Vec2Config, tf.Wav2Vec2ForCTC, TINY_W2V2
+        from transformers.models.wav2vec2.modeling_wav2vec2 import Wav2Vec2Attention as attn_cls
+    else:
+        config_cls, model_cls, tiny_spec = tf.Wav2Vec2ConformerConfig, tf.Wav2Vec2ConformerForCTC, TINY_CONFORMER
+        from transformers.models.wav2vec2_conformer.modeling_wav2vec2_conformer import \
+            Wav2Vec2ConformerSelfAttention as attn_cls
+    if tiny:
+        spec = {**tiny_spec, **(config_overrides or {})}
+        config = config_cls(**{**spec, "vocab_size": len(LIBRISPEECH_CHARS), "pad_token_id": 0})
+        hf = _seeded(seed, lambda: model_cls(config))
+        decoder = CTCGreedyDecoder(LIBRISPEECH_CHARS, blank_id=0)
+        frontend = CTCFrontend(do_normalize=True, attention_mask=config.feat_extract_norm == "layer")
+        name, hub_id = f"{name}_tiny", None
+    else:
+        hf = model_cls.from_pretrained(name_or_path, cache_dir=cache_dir, **(config_overrides or {}))
+        processor = tf.Wav2Vec2Processor.from_pretrained(name_or_path, cache_dir=cache_dir)
+        fe = processor.feature_extractor
+        decoder = CTCGreedyDecoder.from_tokenizer(processor.tokenizer)
+        frontend = CTCFrontend(do_normalize=bool(fe.do_normalize), attention_mask=bool(fe.return_attention_mask))
+        hub_id = name_or_path
+    if matmul_attention:
+        enable_matmul_attention(hf, [attn_cls])
+    return ModelBundle(name=name, model=LogitsAdapter(_finish(hf)), frontend=frontend.eval(), sample_rate=SAMPLE_RATE,
+                       labels=None, extras=_ctc_extras(hf, decoder, hub_id, matmul_attention),
+                       skip_quantization=tuple(skip_quantization))
+
+
+def build_wav2vec2_ctc(name_or_path: str = HUB_IDS["wav2vec2_base_960h"], tiny: bool = False,
+                       config_overrides: Optional[dict] = None, matmul_attention: bool = False,
+                       skip_quantization: Sequence[str] = (), seed: int = 0, cache_dir: Optional[str] = None,
+                       name: str = "wav2vec2_base_960h") -> ModelBundle:
+    """wav2vec2-base fine-tuned with CTC on LibriSpeech 960 h; logits ``[B, frames, 32]``, greedy decoding.
+
+    ``tiny``: a random ``Wav2Vec2ForCTC`` (:data:`TINY_W2V2`) with the same 32-character vocabulary.
+    Other arguments as in :func:`build_ast_speechcommands`.
+    """
+    return _build_ctc("wav2vec2", name, name_or_path, tiny, config_overrides, matmul_attention, skip_quantization, seed, cache_dir)
+
+
+def build_conformer_ctc(name_or_path: str = HUB_IDS["conformer_ctc"], tiny: bool = False,
+                        config_overrides: Optional[dict] = None, matmul_attention: bool = False,
+                        skip_quantization: Sequence[str] = (), seed: int = 0, cache_dir: Optional[str] = None,
+                        name: str = "conformer_ctc") -> ModelBundle:
+    """The paper's Conformer ASR row: ``facebook/wav2vec2-conformer-rope-large-960h-ft``.
+
+    Public, fine-tuned with CTC on LibriSpeech 960 h, a Conformer encoder (rotary position
+    embeddings) with a ``transformers`` loader (``Wav2Vec2ConformerForCTC``). Its feature extractor
+    returns an attention mask, so the front end gives ``{"input_values", "attention_mask"}``.
+    ``tiny``: a random ``Wav2Vec2ConformerForCTC`` (:data:`TINY_CONFORMER`).
+    """
+    return _build_ctc("conformer", name, name_or_path, tiny, config_overrides, matmul_attention, skip_quantization, seed, cache_dir)
+
+
+# ------------------------------------------------------------------------------ Whisper
+def build_whisper_hub(name_or_path: str = HUB_IDS["whisper_base_hub"], tiny: bool = False,
+                      config_overrides: Optional[dict] = None, encoder_frames: Optional[int] = None,
+                      max_new_tokens: int = 96, skip_quantization: Sequence[str] = (), seed: int = 0,
+                      cache_dir: Optional[str] = None, name: str = "whisper_base_hub") -> ModelBundle:
+    """Whisper from the hub (``openai/whisper-base``), driven like the offline Whisper.
+
+    The model is ``WhisperForConditionalGeneration`` (float32) with ``MatMul`` attention
+    (:func:`esc.models.whisper.add_matmul_modules`); front end :class:`~esc.models.whisper.WhisperLogMel`;
+    ``extras`` from :func:`~esc.models.whisper.decoding_extras` (the fast tokenizer's
+    ``tokenizers.Tokenizer``, the English transcribe prompt, ``suppress_tokens`` /
+    ``begin_suppress_tokens`` of the generation config), so :class:`esc.tasks.asr.ASRTask` decodes it.
+
+    Args:
+        tiny: random weights on a tiny ``WhisperConfig`` with the offline byte-level test tokenizer
+            (:func:`esc.models.whisper.char_tokenizer`); no download.
+        encoder_frames: shorter encoder window in mel frames (even; the positional embeddings are
+            sliced as in :func:`esc.models.whisper.whisper_from_ct2`); ``None`` keeps 3000 (tiny: 3000).
+    """
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    from esc.models import whisper
+
+    if tiny:
+        tok = whisper.char_tokenizer()
+        eot, sot = tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|startoftranscript|>")
+        spec = dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
+                    encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=80, max_source_positions=1500,
+                    max_target_positions=64)
+        spec.update(config_overrides or {})
+        config = WhisperConfig(vocab_size=tok.get_vocab_size(), pad_token_id=eot, bos_token_id=eot, eos_token_id=eot,
+                               decoder_start_token_id=sot, **spec)
+        hf = _seeded(seed, lambda: WhisperForConditionalGeneration(config))
+        suppress, suppress_begin = [], []
+        name, hub_id = f"{name}_tiny", None
+    else:
+        from transformers import AutoTokenizer
+
+        hf = WhisperForConditionalGeneration.from_pretrained(name_or_path, cache_dir=cache_dir, **(config_overrides or {}))
+        tok = AutoTokenizer.from_pretrained(name_or_path, cache_dir=cache_dir).backend_tokenizer
+        gen = hf.generation_config
+        suppress = list(getattr(gen, "suppress_tokens", None) or [])
+        suppress_begin = list(getattr(gen, "begin_suppress_tokens", None) or [])
+        hub_id = name_or_path
+    full = hf.config.max_source_positions
+    if encoder_frames is not None:
+        if encoder_frames % 2 or not 2 <= encoder_frames <= 2 * full:
+            raise ValueError(f"encoder_frames={encoder_frames} must be even and in [2, {2 * full}] (the conv stem halves time)")
+        pos = hf.model.encoder.embed_positions
+        pos.weight.data = pos.weight.data[: encoder_frames // 2].clone()
+        pos.num_embeddings = encoder_frames // 2
+        hf.config.max_source_positions = encoder_frames // 2
+    whisper.add_matmul_modules(hf)
+    frames = 2 * hf.config.max_source_positions
+    extras = whisper.decoding_extras(tok, suppress, suppress_begin, max_new_tokens)
+    extras.update(encoder_frames=frames, hub_id=hub_id)
+    frontend = whisper.WhisperLogMel(n_mels=hf.config.num_mel_bins, frames=frames)
+    return ModelBundle(name=name, model=_finish(hf), frontend=frontend, sample_rate=SAMPLE_RATE, extras=extras,
+                       skip_quantization=tuple(skip_quantization))
+
+
+BUILDERS = {"ast_speechcommands": build_ast_speechcommands, "ast_audioset": build_ast_audioset,
+            "wav2vec2_base_960h": build_wav2vec2_ctc, "conformer_ctc": build_conformer_ctc,
+            "whisper_base_hub": build_whisper_hub}
