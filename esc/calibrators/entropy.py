@@ -138,6 +138,10 @@ class EntropyCalibrator(StatisticCalibrator):
     on wide-range speech activations the best clip is often far below that, so lower ``start_bin``
     (it must stay >= ``num_levels`` for the merge to be meaningful) when studying INT4.
 
+    Known property of the method, reproduced as is: when a tensor has no mass near 0 (e.g. a
+    softmax over few keys), a cut that keeps a single non-empty bin makes ``P`` and ``Q`` the same
+    one-bin distribution (KL ~ 0), so the clip can land far below the bulk of the data.
+
     Args:
         num_bins: histogram bins (2048). start_bin: first cut (128). stride: step between cuts (1).
         eps: KL smoothing constant (1e-4). num_levels: override the number of levels (None: from

@@ -150,10 +150,11 @@ def histogram_percentile(hist: torch.Tensor, width: float, percentile: float) ->
     if total == 0:
         return 0.0
     cum = torch.cumsum(hist, 0)
-    t = percentile / 100.0 * total
+    t = percentile * total / 100.0
     if t <= 0:
         return 0.0
-    k = int(torch.searchsorted(cum, torch.tensor([t], dtype=cum.dtype), right=False)[0])
+    # relative slack so that a target equal to a cumulative count (up to float rounding) stops there
+    k = int(torch.searchsorted(cum, torch.tensor([t * (1 - 1e-12)], dtype=cum.dtype), right=False)[0])
     k = min(k, hist.numel() - 1)
     prev = float(cum[k - 1]) if k > 0 else 0.0
     h = float(hist[k])
