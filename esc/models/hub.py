@@ -83,13 +83,17 @@ class LogitsAdapter(nn.Module):
 
     ``forward(x)`` with ``x`` a tensor (``input_values``) or a dict of tensors (``input_values``
     and optionally ``attention_mask``, as :class:`CTCFrontend` returns) calls the wrapped model
-    and returns its ``.logits``.
+    and returns its ``.logits``, or ``sigmoid(logits)`` with ``activation="sigmoid"`` (multi-label
+    taggers: :class:`esc.tasks.tagging.AudioTaggingTask` expects clip scores in [0, 1]).
     """
 
-    def __init__(self, hf_model: nn.Module, input_name: str = "input_values") -> None:
+    def __init__(self, hf_model: nn.Module, input_name: str = "input_values", activation: str = "none") -> None:
         super().__init__()
+        if activation not in ("none", "sigmoid"):
+            raise ValueError(f"activation={activation!r}; use 'none' (logits) or 'sigmoid' (multi-label scores)")
         self.hf = hf_model
         self.input_name = input_name
+        self.activation = activation
 
     @property
     def config(self):
@@ -103,7 +107,8 @@ class LogitsAdapter(nn.Module):
             kwargs = {self.input_name: features}
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask
-        return self.hf(**kwargs).logits
+        logits = self.hf(**kwargs).logits
+        return logits.sigmoid() if self.activation == "sigmoid" else logits
 
 
 class ASTFrontend(nn.Module):
@@ -264,7 +269,8 @@ def _finish(hf_model: nn.Module) -> nn.Module:
 
 # ------------------------------------------------------------------------------ AST
 def _build_ast(name: str, name_or_path: str, tiny: bool, config_overrides: Optional[dict], labels: Optional[Sequence[str]],
-               matmul_attention: bool, skip_quantization: Sequence[str], seed: int, cache_dir: Optional[str]) -> ModelBundle:
+               matmul_attention: bool, skip_quantization: Sequence[str], seed: int, cache_dir: Optional[str],
+               activation: str = "none") -> ModelBundle:
     from transformers import ASTConfig, ASTFeatureExtractor, ASTForAudioClassification
     from transformers.models.audio_spectrogram_transformer.modeling_audio_spectrogram_transformer import ASTAttention
 
@@ -283,8 +289,8 @@ def _build_ast(name: str, name_or_path: str, tiny: bool, config_overrides: Optio
     if matmul_attention:
         enable_matmul_attention(hf, [ASTAttention])
     extras = {"hub_id": None if tiny else name_or_path, "id2label": dict(enumerate(labels)),
-              "matmul_attention": matmul_attention}
-    return ModelBundle(name=name, model=LogitsAdapter(_finish(hf)), frontend=ASTFrontend(fe).eval(), sample_rate=SAMPLE_RATE,
+              "matmul_attention": matmul_attention, "activation": activation}
+    return ModelBundle(name=name, model=LogitsAdapter(_finish(hf), activation=activation), frontend=ASTFrontend(fe).eval(), sample_rate=SAMPLE_RATE,
                        labels=list(labels), extras=extras, skip_quantization=tuple(skip_quantization))
 
 
@@ -310,13 +316,16 @@ def build_ast_speechcommands(name_or_path: str = HUB_IDS["ast_speechcommands"], 
 def build_ast_audioset(name_or_path: str = HUB_IDS["ast_audioset"], tiny: bool = False,
                        config_overrides: Optional[dict] = None, labels: Optional[Sequence[str]] = None,
                        matmul_attention: bool = False, skip_quantization: Sequence[str] = (), seed: int = 0,
-                       cache_dir: Optional[str] = None, name: str = "ast_audioset") -> ModelBundle:
-    """AST fine-tuned on AudioSet (527 classes, multi-label: sigmoid of the logits).
+                       cache_dir: Optional[str] = None, activation: str = "sigmoid", name: str = "ast_audioset") -> ModelBundle:
+    """AST fine-tuned on AudioSet (527 classes, multi-label).
 
+    ``activation="sigmoid"`` (default) makes the model return clip scores in [0, 1], what the tagging
+    task expects (the sigmoid follows the last quantized layer; ``"none"`` returns logits).
     ``labels`` names the classes of the tiny model (default ``class_0..9``); see
     :func:`build_ast_speechcommands` for the other arguments.
     """
-    return _build_ast(name, name_or_path, tiny, config_overrides, labels, matmul_attention, skip_quantization, seed, cache_dir)
+    return _build_ast(name, name_or_path, tiny, config_overrides, labels, matmul_attention, skip_quantization, seed,
+                      cache_dir, activation)
 
 
 # ------------------------------------------------------------------------------ CTC (wav2vec2, Conformer)
