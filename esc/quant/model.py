@@ -48,6 +48,10 @@ def _weight_minmax(quantizer: UniformQuantizer, weight: torch.Tensor) -> None:
         quantizer.set_clip_range(lo, hi)
 
 
+def _no_fused_fastpath(module: nn.Module, args) -> None:
+    """No-op forward pre-hook: its presence keeps torch from taking fused fast paths that skip quantizers."""
+
+
 class QuantizedModel(nn.Module):
     """A float model with quantizers inserted; ``forward`` runs the wrapped network."""
 
@@ -183,6 +187,12 @@ def quantize_model(model: nn.Module, weight: QuantSpec | None = QuantSpec(8, Tru
     for name, new in swaps:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    for module in model.modules():
+        # nn.TransformerEncoderLayer's eval-mode fast path (no grad, no hooks) calls a fused kernel on
+        # the raw weights, silently bypassing every quantizer inside it; any hook disables that path.
+        if isinstance(module, nn.TransformerEncoderLayer) and any(
+                isinstance(m, (QuantLinear, QuantLayerNorm)) for m in module.modules()):
+            module.register_forward_pre_hook(_no_fused_fastpath)
     qmodel = QuantizedModel(model)
     if weight is not None:
         qmodel.calibrate_weights("minmax")
