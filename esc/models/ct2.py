@@ -210,7 +210,7 @@ def write_ct2(path: str | Path, spec: str, variables: dict[str, np.ndarray], ali
         f.write(struct.pack("<I", version) + string(spec) + struct.pack("<I", revision))
         f.write(struct.pack("<I", len(variables)))
         for name, value in variables.items():
-            arr = np.ascontiguousarray(value)
+            arr = np.asarray(value)  # (ascontiguousarray would turn rank-0 settings into rank 1)
             if arr.dtype not in _CODES:
                 raise CT2FormatError(f"variable {name!r}: dtype {arr.dtype} cannot be written (use one of {list(_CODES)})")
             raw = arr.astype(arr.dtype.newbyteorder("<")).tobytes()
