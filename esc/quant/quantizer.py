@@ -49,7 +49,8 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, qmin: int, qmax: int) -> torch.Tensor:
     """Quantize and dequantize ``x`` with broadcastable ``scale`` and ``zero_point`` (``None``: 0).
 
-    Gradients flow to ``x`` through the rounding (STE) and inside the clip range, and to ``scale``
+    Gradients flow to ``x`` through the rounding (STE) where ``round(x / s) + z`` lies in
+    ``[qmin, qmax]`` (bounds included), and to ``scale``
     (as in LSQ), which reconstruction-based PTQ methods use. When no gradient is needed (autograd
     off, or neither ``x`` nor ``scale`` requires grad) the same values are computed in place on one
     buffer (calibration and evaluation speed): ``round(x / s)`` then add ``z``, clamp, subtract
@@ -59,7 +60,11 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
                                               or (zero_point is not None and zero_point.requires_grad))
     if needs_grad:
         zp = 0.0 if zero_point is None else zero_point
-        q = torch.clamp(round_ste(x / scale) + zp, qmin, qmax)
+        q = round_ste(x / scale) + zp
+        # STE clip: gradient 1 where the rounded level lies in [qmin, qmax] *inclusive* (torch.clamp's
+        # own gradient is 0 at the bounds, which silenced every value rounding to qmin/qmax)
+        inside = (q >= qmin) & (q <= qmax)
+        q = torch.where(inside, q, q.detach().clamp(qmin, qmax))
         return (q - zp) * scale
     q = torch.div(x, scale)
     q.round_()
