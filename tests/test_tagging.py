@@ -188,3 +188,17 @@ def test_label_loss_and_bad_configs(prepared, tmp_path):
         bad.prepare(bundle)
     with pytest.raises(RuntimeError, match="prepare"):
         AudioTaggingTask().evaluate(bundle.model)
+
+
+def test_fp32_scores_are_cached_per_model(prepared):
+    task, bundle = prepared
+    files = sorted(task.data_dir.glob("fp32-*.npz"))
+    assert len(files) == 1
+    again = AudioTaggingTask(data_dir=str(task.data_dir), num_clips=16, calibration_clips=12, classes=task.classes,
+                             mixture_fraction=0.25, batch_size=5)
+    again.prepare(bundle)
+    torch.testing.assert_close(again.fp32_test_scores, task.fp32_test_scores)
+    assert sorted(task.data_dir.glob("fp32-*.npz")) == files  # reused, not recomputed
+    again.prepare(build_yamnet_tiny(seed=3))  # another model: another cache entry
+    assert len(list(task.data_dir.glob("fp32-*.npz"))) == 2
+    assert not torch.allclose(again.fp32_test_scores, task.fp32_test_scores)

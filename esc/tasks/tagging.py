@@ -8,7 +8,9 @@ the FP32 model's, and ``AP/<class>`` per class.
 
 FP32 reference: :meth:`AudioTaggingTask.prepare` runs the bundle's float model once on the test
 and calibration splits and keeps its clip scores (for ``top1_agreement`` and the calibration
-targets), so the reference never depends on which model is evaluated first.
+targets), so the reference never depends on which model is evaluated first. The scores are cached
+in ``<data_dir>/fp32-<hash>.npz``, the hash covering the model's state dict and the exact
+front-end features of both splits (so a changed model, front end or data set never reuses them).
 
 Calibration loss (ESC's fitness), ``loss="fp32"`` (default): per-clip binary cross-entropy of the
 model's clip scores against the FP32 model's scores over all its classes,
@@ -20,6 +22,7 @@ see :mod:`esc.data.tagging`, so these targets disagree with what the FP32 model 
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 from typing import Optional, Sequence
@@ -107,6 +110,7 @@ class AudioTaggingTask(Task):
         mixture_fraction: share of two-class mixtures (multi-label clips).
         batch_size: clips per forward pass (evaluation and calibration batches).
         loss: calibration loss, ``"fp32"`` (BCE against FP32 scores) or ``"labels"``.
+        cache_fp32: keep the FP32 scores on disk (see the module docstring).
     """
 
     name = "tagging"
@@ -116,7 +120,7 @@ class AudioTaggingTask(Task):
     def __init__(self, data_dir: str = "data/tagging", num_clips: int = 720, seed: int = 0,
                  calibration_clips: int = 256, calibration_seed: int = 1, classes: Sequence[str] = CLASSES,
                  clip_samples: int = DEFAULT_CLIP_SAMPLES, mixture_fraction: float = 0.3, batch_size: int = 32,
-                 loss: str = "fp32") -> None:
+                 loss: str = "fp32", cache_fp32: bool = True) -> None:
         if loss not in ("fp32", "labels"):
             raise ValueError(f"loss={loss!r}; use 'fp32' (BCE against the FP32 scores) or 'labels'")
         if seed == calibration_seed:
@@ -126,7 +130,7 @@ class AudioTaggingTask(Task):
         common = dict(classes=self.classes, clip_samples=int(clip_samples), mixture_fraction=float(mixture_fraction))
         self.test_spec = TaggingSpec(num_clips=int(num_clips), seed=int(seed), **common)
         self.calib_spec = TaggingSpec(num_clips=int(calibration_clips), seed=int(calibration_seed), **common)
-        self.batch_size, self.loss = int(batch_size), loss
+        self.batch_size, self.loss, self.cache_fp32 = int(batch_size), loss, bool(cache_fp32)
         self._prepared = False
 
     # -------------------------------------------------------------------------------- helpers
@@ -163,10 +167,29 @@ class AudioTaggingTask(Task):
         self.calib_features = self._features(bundle.frontend, calib.waves)
         log.info("tagging: %d test / %d calibration clips, features %s; FP32 reference pass",
                  len(self.test_features), len(self.calib_features), tuple(self.test_features.shape[1:]))
-        self.fp32_test_scores = self.predict(bundle.model, self.test_features)
-        self.fp32_calib_scores = self.predict(bundle.model, self.calib_features)
+        self.fp32_test_scores, self.fp32_calib_scores = self._fp32_scores(bundle.model)
         self.fp32_top1 = self.fp32_test_scores.argmax(dim=1).numpy()
         self._prepared = True
+
+    def _fp32_scores(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """FP32 clip scores on the test and calibration features, from the disk cache when it matches."""
+        digest = hashlib.sha1()
+        for name, value in sorted(model.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+        for feats in (self.test_features, self.calib_features):
+            digest.update(feats.numpy().tobytes())
+        path = self.data_dir / f"fp32-{digest.hexdigest()[:16]}.npz"
+        if self.cache_fp32 and path.is_file():
+            with np.load(path) as z:
+                return torch.from_numpy(z["test"]), torch.from_numpy(z["calibration"])
+        test, calib = self.predict(model, self.test_features), self.predict(model, self.calib_features)
+        if self.cache_fp32:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp.npz")
+            np.savez(tmp, test=test.numpy(), calibration=calib.numpy())
+            tmp.replace(path)
+        return test, calib
 
     def _require_prepared(self) -> None:
         if not self._prepared:
