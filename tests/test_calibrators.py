@@ -322,3 +322,31 @@ def test_every_calibrator_sets_positive_finite_scales(tiny_audio_model, tiny_aud
                 assert float(lo) <= 0.0 <= float(hi)
             with torch.no_grad():
                 assert torch.isfinite(qm(tiny_audio_batches[0])).all()
+
+
+@pytest.mark.parametrize("bits,symmetric,signed", [(2, True, True), (4, True, True), (4, False, True), (4, True, False),
+                                                   (8, True, True), (8, False, False)])
+def test_sorted_l2_evaluator_equals_elementwise(bits, symmetric, signed):
+    from esc.calibrators.mse import SortedL2Errors, quantization_errors
+    g = torch.Generator().manual_seed(bits)
+    x = torch.randn(3, 5000, generator=g) * torch.tensor([[0.5], [2.0], [10.0]])
+    if not signed:
+        x = x.abs() if symmetric else x + 3.0
+    x[1, :3] = torch.tensor([60.0, -40.0, 55.0]).abs() if not signed else torch.tensor([60.0, -40.0, 55.0])
+    q = UniformQuantizer(bits, symmetric, signed, "channel", 0, "cmp")
+    fr = torch.from_numpy(np.geomspace(1e-3, 1.0, 50)).double().unsqueeze(0).expand(3, -1)
+    lo_r, hi_r = x.min(1).values.clamp(max=0), x.max(1).values.clamp(min=0)
+    if symmetric:
+        hi_r = torch.maximum(lo_r.abs(), hi_r)
+        lo_r = -hi_r
+    lo, hi = (fr * lo_r.double().unsqueeze(1)).float(), (fr * hi_r.double().unsqueeze(1)).float()
+    dense = quantization_errors(x, q, lo, hi, 2.0)
+    fast = SortedL2Errors(x, q)(lo, hi)
+    torch.testing.assert_close(fast, dense, rtol=1e-4, atol=1e-9)
+    # and the searches agree on the clip
+    for ch in range(3):
+        qt = UniformQuantizer(bits, symmetric, signed, "tensor", 0, "t")
+        a = mse_clip(x[ch], qt, method="sorted")
+        b = mse_clip(x[ch], qt, method="dense")
+        a, b = (a[1], b[1]) if not symmetric else (a, b)
+        assert float(a) == pytest.approx(float(b), rel=2e-3)

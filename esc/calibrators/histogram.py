@@ -17,6 +17,7 @@ what is stated here):
   aligned to 0, so the equality with a single-pass histogram on the new edges still holds exactly).
 
 Besides the counts, the observer keeps the exact running ``min``, ``max`` (signed) and ``max |x|``.
+Binning runs on the input's device; the counts are kept on the CPU in float64.
 """
 from __future__ import annotations
 
@@ -83,7 +84,7 @@ class HistogramObserver(Observer):
                 needed = self.bins_needed(m)
             self.hist = torch.cat([self.hist, torch.zeros(needed - self.hist.numel(), dtype=torch.float64)])
         idx = torch.clamp(torch.ceil(a / self.width) - 1, min=0, max=self.hist.numel() - 1).long()
-        self.hist += torch.bincount(idx, minlength=self.hist.numel()).double()
+        self.hist += torch.bincount(idx, minlength=self.hist.numel()).double().cpu()
 
     def bins_needed(self, value: float) -> int:
         """Number of bins of the current width needed to contain ``value`` (at least the current count)."""
