@@ -269,11 +269,13 @@ def test_hub_tagging_task(local_sets):
 
     b = hub.build_ast_audioset(tiny=True, labels=["Dog", "Rain", "Speech"])
     task = HubTaggingTask(path=str(local_sets["esc50"]), test_folds=[1, 2], calibration_folds=[5],
-                          class_map={"dog": "Dog", "rain": "Rain"}, cache_dir=str(local_sets["cache"]), progress=False)
+                          class_map={"dog": "Dog", "rain": "Rain"}, cache_dir=str(local_sets["cache"]),
+                          data_dir=str(local_sets["root"] / "esc50_fp32"), progress=False)
     task.prepare(b)
     out = task.evaluate(b.model)
     assert out["top1_agreement"] == 1.0 and 0 < out["mAP"] <= 1
     assert task.test_labels.tolist() == [[1, 0], [0, 1], [0, 1]]
+    assert list((local_sets["root"] / "esc50_fp32").glob("fp32-*.npz"))  # FP32 scores cached under data_dir
     data = task.calibration_data(2, seed=0)
     assert data.num_samples == 2
     with pytest.raises(ValueError, match="overlap"):

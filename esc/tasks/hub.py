@@ -110,20 +110,22 @@ class HubTaggingTask(AudioTaggingTask):
         class_map: ESC-50 category -> AudioSet display name (default :data:`esc.data.hub.ESC50_TO_AUDIOSET`).
         max_test_clips / calibration_clips: seeded subsets (``None``: all clips of those folds).
         clip_samples: clip length at 16 kHz (ESC-50: 5 s = 80000).
-        batch_size / loss: as :class:`AudioTaggingTask`.
+        batch_size / loss / cache_fp32: as :class:`AudioTaggingTask`; ``data_dir`` holds its FP32-score cache.
     """
 
     def __init__(self, path: str = "ashraq/esc50", split: str = "train", test_folds: Sequence[int] = (1, 2, 3, 4),
                  calibration_folds: Sequence[int] = (5,), class_map: Optional[dict] = None,
                  max_test_clips: Optional[int] = None, calibration_clips: Optional[int] = 200, subset_seed: int = 0,
                  clip_samples: int = 80000, revision: Optional[str] = None, cache_dir: Optional[str] = None,
-                 batch_size: int = 16, loss: str = "fp32", progress: bool = True) -> None:
+                 batch_size: int = 16, loss: str = "fp32", data_dir: str = "data/esc50", cache_fp32: bool = True,
+                 progress: bool = True) -> None:
         if set(test_folds) & set(calibration_folds):
             raise ValueError(f"test_folds {list(test_folds)} and calibration_folds {list(calibration_folds)} overlap; make them disjoint")
         class_map = dict(hubdata.ESC50_TO_AUDIOSET if class_map is None else class_map)
         classes = tuple(dict.fromkeys(class_map.values()))
-        super().__init__(num_clips=max_test_clips or 1, calibration_clips=calibration_clips or 1, classes=classes,
-                         clip_samples=clip_samples, mixture_fraction=0.0, batch_size=batch_size, loss=loss)
+        super().__init__(data_dir=data_dir, num_clips=max_test_clips or 1, calibration_clips=calibration_clips or 1,
+                         classes=classes, clip_samples=clip_samples, mixture_fraction=0.0, batch_size=batch_size, loss=loss,
+                         cache_fp32=cache_fp32)
         self.source = dict(path=path, split=split, class_map=class_map, seed=subset_seed, clip_samples=clip_samples,
                            revision=revision, cache_dir=cache_dir, progress=progress)
         self.test_folds, self.calibration_folds = tuple(test_folds), tuple(calibration_folds)
