@@ -92,6 +92,7 @@ def save_samples(path: Path, fp: dict[str, Any], quantized: dict[str, Any]) -> N
     samples = {"fp32": fp.pop("per_sample", {}), "quantized": quantized.pop("per_sample", {})}
     arrays = {f"{side}/{k}": np.asarray(v) for side, d in samples.items() for k, v in d.items()}
     if arrays:
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp.npz")
         np.savez_compressed(tmp, **arrays)
         tmp.replace(path)
