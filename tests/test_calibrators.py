@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from esc.calibrators import (CalibrationData, EntropyCalibrator, MinMaxCalibrator, MSECalibrator,
                              PercentileCalibrator, mse_clip)
@@ -234,7 +235,8 @@ def test_calibrate_weights_mse(tiny_audio_model, symmetric):
 
 
 # ----------------------------------------------------------------------------- entropy
-def reference_entropy(hist: np.ndarray, num_levels: int, start_bin: int, stride: int, eps: float = 1e-4):
+def reference_entropy(hist: np.ndarray, num_levels: int, start_bin: int, stride: int, eps: float = 1e-4,
+                      q_source: str = "sliced"):
     """Plain-loop TensorRT KL calibration on a histogram; returns (divergences, best cut)."""
     def smooth(d):
         d = d.astype(np.float64).copy()
@@ -258,7 +260,7 @@ def reference_entropy(hist: np.ndarray, num_levels: int, start_bin: int, stride:
         level_sum = [0.0] * num_levels
         level_cnt = [0] * num_levels
         for j in range(i):
-            level_sum[level_of[j]] += sliced[j]
+            level_sum[level_of[j]] += sliced[j] if q_source == "sliced" else p[j]
             if p[j] != 0:
                 level_cnt[level_of[j]] += 1
         q = [level_sum[level_of[j]] / level_cnt[level_of[j]] if p[j] != 0 else 0.0 for j in range(i)]
@@ -274,16 +276,17 @@ def reference_entropy(hist: np.ndarray, num_levels: int, start_bin: int, stride:
     return divs, cuts[best]
 
 
-@pytest.mark.parametrize("kind,bits,num_bins,start_bin,stride", [("laplace", 4, 256, 16, 1), ("heavy", 4, 256, 8, 2),
-                                                                 ("gauss", 8, 400, 128, 3)])
-def test_entropy_matches_plain_loop_reference(kind, bits, num_bins, start_bin, stride):
+@pytest.mark.parametrize("kind,bits,num_bins,start_bin,stride,q_source", [
+    ("laplace", 4, 256, 16, 1, "sliced"), ("heavy", 4, 256, 8, 2, "sliced"), ("gauss", 8, 400, 128, 3, "sliced"),
+    ("heavy", 4, 256, 8, 1, "reference")])
+def test_entropy_matches_plain_loop_reference(kind, bits, num_bins, start_bin, stride, q_source):
     x = sample(kind, 20000, seed=5)
     q = UniformQuantizer(bits, name="e")
-    obs = EntropyObserver(q, num_bins, start_bin, stride, 1e-4, None, None)
+    obs = EntropyObserver(q, num_bins, start_bin, stride, 1e-4, None, None, q_source)
     feed(obs, x)
     c = float(obs.clip_range())
     hist = obs.hist.numpy()
-    divs, best = reference_entropy(hist, q.qmax + 1, start_bin, stride)
+    divs, best = reference_entropy(hist, q.qmax + 1, start_bin, stride, q_source=q_source)
     ours = obs.divergences.numpy()
     assert np.array_equal(np.isinf(ours), np.isinf(divs))
     fin = np.isfinite(divs)
@@ -350,3 +353,16 @@ def test_sorted_l2_evaluator_equals_elementwise(bits, symmetric, signed):
         b = mse_clip(x[ch], qt, method="dense")
         a, b = (a[1], b[1]) if not symmetric else (a, b)
         assert float(a) == pytest.approx(float(b), rel=2e-3)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_all_zero_activations_give_positive_finite_scale(symmetric):
+    model = nn.Sequential(nn.Linear(4, 3))
+    data = CalibrationData([torch.zeros(2, 4), torch.zeros(3, 4)], lambda m, b: m(b))
+    for cal in (MinMaxCalibrator(), PercentileCalibrator(), EntropyCalibrator(num_bins=256, start_bin=32), MSECalibrator()):
+        qm = quantize_model(model, activation=QuantSpec(8, symmetric, "tensor"))
+        cal.calibrate(qm, data)
+        q = qm.activation_quantizers["0.input_quantizer"]
+        assert torch.isfinite(q.scale).all() and (q.scale > 0).all(), cal.name
+        with torch.no_grad():
+            torch.testing.assert_close(qm(torch.zeros(1, 4)), model(torch.zeros(1, 4)))

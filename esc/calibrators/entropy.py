@@ -32,7 +32,7 @@ def smooth_distribution(p: torch.Tensor, valid: torch.Tensor, eps: float) -> tor
 
 
 def kl_divergences(hist: torch.Tensor, num_levels: int, candidates: torch.Tensor, eps: float = 1e-4,
-                   chunk_elems: int = 1 << 20) -> torch.Tensor:
+                   q_source: str = "sliced", chunk_elems: int = 1 << 20) -> torch.Tensor:
     """KL(P_i || Q_i) for every candidate cut ``i`` (number of kept bins), vectorised over candidates.
 
     For a cut ``i`` (bins ``0..i-1`` kept):
@@ -40,12 +40,15 @@ def kl_divergences(hist: torch.Tensor, num_levels: int, candidates: torch.Tensor
     * ``P_i = hist[:i]`` with the outlier mass ``sum(hist[i:])`` added to ``P_i[i-1]``;
     * the kept bins are merged into ``num_levels`` levels, bin ``j`` going to level
       ``floor(j * num_levels / i)`` (equal-width levels over ``[0, i w]``); level sums are taken from
-      ``hist[:i]`` *without* the outliers (as TensorRT / ModelOpt / MXNet do, so clipped mass is
-      penalised); each level's sum is spread evenly over the bins of that level where ``P_i`` is
+      ``hist[:i]`` *without* the outliers (``q_source="sliced"``, as TensorRT / ModelOpt / MXNet /
+      TVM do) or from ``P_i`` itself, outliers included (``q_source="reference"``); each level's sum is spread evenly over the bins of that level where ``P_i`` is
       non-zero, giving ``Q_i`` (zero where ``P_i`` is zero);
     * both are smoothed with :func:`smooth_distribution` (``eps``), normalised, and
       ``KL = sum P log(P / Q)``. Candidates whose smoothing fails score ``inf``.
     """
+    if q_source not in ("sliced", "reference"):
+        raise QuantizationError(f"q_source={q_source!r}: use 'sliced' (TensorRT) or 'reference'")
+    from_sliced = q_source == "sliced"
     hist = hist.double()
     n = hist.numel()
     total_right = torch.flip(torch.cumsum(torch.flip(hist, [0]), 0), [0])  # total_right[j] = sum(hist[j:])
@@ -65,7 +68,7 @@ def kl_divergences(hist: torch.Tensor, num_levels: int, candidates: torch.Tensor
         level = torch.div(jj.unsqueeze(0) * num_levels, cand.unsqueeze(1), rounding_mode="floor")
         level = torch.where(valid, level, torch.full_like(level, num_levels))  # dump column for j >= i
         p_nonzero = (p != 0) & valid
-        sums = torch.zeros(c, num_levels + 1, dtype=torch.float64).scatter_add_(1, level, sliced)
+        sums = torch.zeros(c, num_levels + 1, dtype=torch.float64).scatter_add_(1, level, sliced if from_sliced else p)
         counts = torch.zeros(c, num_levels + 1, dtype=torch.float64).scatter_add_(1, level, p_nonzero.double())
         avg = sums / counts.clamp(min=1)
         q = torch.gather(avg, 1, level) * p_nonzero
@@ -84,8 +87,9 @@ class EntropyObserver(HistogramObserver):
     """Histogram of ``|x|`` whose clip minimises the TensorRT KL divergence."""
 
     def __init__(self, quantizer: UniformQuantizer, num_bins: int, start_bin: int, stride: int, eps: float,
-                 num_levels: Optional[int], max_bins: Optional[int]) -> None:
+                 num_levels: Optional[int], max_bins: Optional[int], q_source: str = "sliced") -> None:
         super().__init__(quantizer, num_bins, max_bins)
+        self.q_source = q_source
         self.start_bin, self.stride, self.eps, self.num_levels_override = start_bin, stride, eps, num_levels
         self.divergences: Optional[torch.Tensor] = None
 
@@ -111,7 +115,7 @@ class EntropyObserver(HistogramObserver):
         start = min(self.start_bin, n)
         candidates = torch.arange(start, n + 1, self.stride)
         self.candidates = candidates
-        self.divergences = kl_divergences(self.hist, self.num_levels, candidates, self.eps)
+        self.divergences = kl_divergences(self.hist, self.num_levels, candidates, self.eps, self.q_source)
         if not torch.isfinite(self.divergences).any():
             best = n  # no scorable cut: keep the full range
         else:
@@ -146,18 +150,23 @@ class EntropyCalibrator(StatisticCalibrator):
         num_bins: histogram bins (2048). start_bin: first cut (128). stride: step between cuts (1).
         eps: KL smoothing constant (1e-4). num_levels: override the number of levels (None: from
             the quantizer). max_bins: cap on bins after growth (default ``16 * num_bins``).
+        q_source: ``"sliced"`` (default, TensorRT: ``Q`` from the kept bins without the clipped
+            mass) or ``"reference"`` (``Q`` merged from ``P``, clipped mass included).
     """
 
     name = "entropy"
 
     def __init__(self, num_bins: int = 2048, start_bin: int = 128, stride: int = 1, eps: float = 1e-4,
-                 num_levels: Optional[int] = None, max_bins: Optional[int] = None) -> None:
+                 num_levels: Optional[int] = None, max_bins: Optional[int] = None, q_source: str = "sliced") -> None:
         if not 1 <= start_bin <= num_bins:
             raise QuantizationError(f"start_bin={start_bin} must be within 1..num_bins={num_bins}")
         if stride < 1:
             raise QuantizationError(f"stride={stride} must be >= 1")
         self.num_bins, self.start_bin, self.stride, self.eps = int(num_bins), int(start_bin), int(stride), float(eps)
-        self.num_levels, self.max_bins = num_levels, max_bins
+        if q_source not in ("sliced", "reference"):
+            raise QuantizationError(f"q_source={q_source!r}: use 'sliced' (TensorRT) or 'reference'")
+        self.num_levels, self.max_bins, self.q_source = num_levels, max_bins, q_source
 
     def make_observer(self, quantizer: UniformQuantizer) -> EntropyObserver:
-        return EntropyObserver(quantizer, self.num_bins, self.start_bin, self.stride, self.eps, self.num_levels, self.max_bins)
+        return EntropyObserver(quantizer, self.num_bins, self.start_bin, self.stride, self.eps, self.num_levels, self.max_bins,
+                              self.q_source)
