@@ -51,7 +51,9 @@ class _LocalErrors:
 
     ``layer(diff)`` maps the input error ``fake_quant(x) - x`` (``[G, *x.shape]``) to the output
     error of the layer (the layer is linear in the quantized operand, bias excluded), so
-    ``layer(diff)`` equals ``out(quantized input) - out(FP input)``.
+    ``layer(diff)`` equals ``out(quantized input) - out(FP input)`` (or, for Linear layers with more
+    outputs than inputs, a map with the same per-candidate squared norm and ``numel_ratio`` times
+    fewer elements; see :func:`_input_layer`).
     """
 
     def __init__(self, quantizer: UniformQuantizer, clips: torch.Tensor, max_elements: int) -> None:
@@ -73,14 +75,19 @@ class _LocalErrors:
             err = layer(diff) if layer is not None else diff
             if start == 0:
                 per = err[0].numel()
-                self.count += per
+                self.count += round(per * getattr(layer, "numel_ratio", 1.0))
                 chunk = max(1, self.max_elements // max(1, x.numel(), per))
-            self.sse[start:start + n] += err.reshape(n, -1).double().pow(2).sum(1)
+            # float32 sum of squares per candidate (one pass), accumulated over batches in float64
+            self.sse[start:start + n] += torch.linalg.vector_norm(err.reshape(n, -1), dim=1).double().square()
             start += n
 
     def best_scale(self) -> torch.Tensor:
         """The candidate scale with the smallest MSE (the smallest such scale on ties)."""
         return self.scales[int(torch.argmin(self.sse))]
+
+    def mse(self) -> torch.Tensor:
+        """Mean squared layer-output error of every candidate ``[G]`` (float64)."""
+        return self.sse / max(self.count, 1)
 
 
 def _owner_map(qmodel: QuantizedModel) -> dict[int, tuple[str, torch.nn.Module]]:
@@ -97,13 +104,32 @@ def _owner_map(qmodel: QuantizedModel) -> dict[int, tuple[str, torch.nn.Module]]
     return owners
 
 
+class _LinearError:
+    """``d -> d @ M^T`` with ``||d @ M^T|| = ||d @ W^T||`` per row: ``M = W`` or, when ``W`` ([out, in])
+    has more rows than columns, the ``[in, in]`` factor ``R`` of ``W = QR`` (``W^T W = R^T R``), which
+    is ``out / in`` times cheaper; ``numel_ratio`` restores the true output element count."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        out_features, in_features = weight.shape
+        if out_features > in_features:
+            self.matrix = torch.linalg.qr(weight.detach().double(), mode="r").R.float()
+            self.numel_ratio = out_features / in_features
+        else:
+            self.matrix, self.numel_ratio = weight.detach(), 1.0
+
+    def __call__(self, d: torch.Tensor) -> torch.Tensor:
+        return F.linear(d, self.matrix)
+
+
 def _input_layer(module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The bias-free linear map of a Linear/Conv module on ``[G, B, ...]`` input errors."""
+    """The bias-free linear map of a Linear/Conv module on ``[G, B, ...]`` input errors (weights as now quantized)."""
+    with torch.no_grad():
+        weight = module.quantized_weight().detach()
     if isinstance(module, QuantLinear):
-        return lambda d: F.linear(d, module.quantized_weight())
+        return _LinearError(weight)
 
     def conv(d: torch.Tensor) -> torch.Tensor:
-        out = module._conv_forward(d.reshape(-1, *d.shape[2:]), module.quantized_weight(), None)
+        out = module._conv_forward(d.reshape(-1, *d.shape[2:]), weight, None)
         return out.reshape(d.shape[0], d.shape[1], *out.shape[1:])
     return conv
 
@@ -236,6 +262,9 @@ class ESCCalibrator(Calibrator):
     candidate (a batched pass of ``P`` candidates counts ``P``). Deterministic under ``seed``.
 
     ESC needs symmetric per-tensor activation quantizers (a scale per quantizer, zero point 0).
+    After ``calibrate``, ``timings`` holds wall seconds: ``local`` (local step), ``fitness`` (all
+    fitness evaluations), ``search_overhead`` (everything else: FP reference pass, CMA-ES,
+    bookkeeping) and ``total``.
     """
 
     name = "esc"
@@ -262,6 +291,7 @@ class ESCCalibrator(Calibrator):
         self.local_grid, self.local_min_fraction = local_grid, local_min_fraction
         self.batched, self.seed, self.num_actors, self.max_batch = batched, seed, num_actors, max_batch
         self.theta_bound, self.local_max_elements, self.progress = theta_bound, local_max_elements, progress
+        self.timings: dict[str, float] = {}
 
     # ---------------------------------------------------------------------------------- helpers
     @staticmethod
@@ -287,6 +317,8 @@ class ESCCalibrator(Calibrator):
     # ------------------------------------------------------------------------------- calibrate
     def calibrate(self, qmodel: QuantizedModel, data: CalibrationData) -> CalibrationResult:
         """Run the local step, then CMA-ES; set the final scales on ``qmodel``."""
+        if self.backend == "evotorch":
+            import evotorch.algorithms  # noqa: F401  (first import takes seconds: not part of the timings)
         start = time.perf_counter()
         self._check(qmodel)
         s_local, _ = local_mse_scales(qmodel, data, self.local_grid, self.local_min_fraction, self.local_max_elements)
@@ -329,10 +361,12 @@ class ESCCalibrator(Calibrator):
         else:
             final_scales, final_fit = self._scales(s_local, final_theta), search_fit
         qmodel.set_activation_scales(final_scales)
+        seconds = time.perf_counter() - start
+        self.timings = dict(local=t_local, fitness=evaluator.seconds, total=seconds,
+                            search_overhead=seconds - t_local - evaluator.seconds)
         passes = 2 + (1 if evaluator.reference is not None else 0) + evaluator.evaluations
         history.update(local_fitness=[local_fit], search_fitness=[search_fit], final_fitness=[final_fit],
                        kept_local=[float(kept_local)])
-        seconds = time.perf_counter() - start
         log.info("ESC: fitness %.6g -> %.6g in %.1fs (%d candidate evaluations)", local_fit, final_fit, seconds,
                  evaluator.evaluations)
         return CalibrationResult(seconds=seconds, forward_passes=passes, history=history)

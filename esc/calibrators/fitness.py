@@ -22,6 +22,7 @@ holding ``[P]`` scales; see :mod:`esc.quant.quantizer`) or candidate by candidat
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Optional
 
 import torch
@@ -80,6 +81,7 @@ class FitnessEvaluator:
     Attributes:
         evaluations: candidates evaluated so far (each one is a full pass over the calibration set).
         forward_calls: model forward calls made so far (including the reference pass).
+        seconds: wall time spent in evaluations so far (excluding the reference pass).
         scale_floor: smallest scale handed to the quantizers (guards against ``0`` scales).
     """
 
@@ -98,6 +100,7 @@ class FitnessEvaluator:
         self.num_samples = data.num_samples
         self.evaluations = 0
         self.forward_calls = 0
+        self.seconds = 0.0
         self._repeated: dict[int, list] = {}
         self.reference: Optional[list[torch.Tensor]] = None
         if kind in ("kl", "mse"):
@@ -175,10 +178,12 @@ class FitnessEvaluator:
             chunk = pop if self.max_batch is None else max(1, min(pop, self.max_batch // biggest))
         else:
             chunk = 1
+        start_time = time.perf_counter()
         out = torch.empty(pop, dtype=torch.float64)
         with torch.no_grad():
             for start in range(0, pop, chunk):
                 out[start:start + chunk] = self._run(scales[start:start + chunk])
         self.evaluations += pop
         out /= self.num_samples
+        self.seconds += time.perf_counter() - start_time
         return torch.nan_to_num(out, nan=float("inf"))
