@@ -1,0 +1,41 @@
+"""Reading audio files: soundfile decoding, mono mixdown, resampling, errors that name the file."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchaudio
+
+
+class AudioLoadError(ValueError):
+    """An audio file is missing, unreadable or empty."""
+
+
+def load_audio(path: str | Path, sample_rate: int = 16000, mono: bool = True) -> np.ndarray:
+    """Read ``path`` as float32 in [-1, 1] at ``sample_rate``.
+
+    Multichannel audio is mixed down to mono by averaging the channels (``mono=True``, result
+    ``[samples]``); with ``mono=False`` the result is ``[channels, samples]``. Resampling uses
+    ``torchaudio.functional.resample`` (windowed sinc).
+
+    Raises:
+        AudioLoadError: the file does not exist, cannot be decoded, or holds no samples.
+    """
+    import soundfile as sf
+
+    path = Path(path)
+    if not path.is_file():
+        raise AudioLoadError(f"audio file not found: {path} (check the path or regenerate the data set)")
+    try:
+        data, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    except Exception as e:  # soundfile raises LibsndfileError / RuntimeError / TypeError on bad input
+        raise AudioLoadError(f"could not decode audio file {path}: {e} (the file is corrupt or not a soundfile-readable format)") from e
+    if data.size == 0:
+        raise AudioLoadError(f"audio file {path} holds no samples (empty recording); remove or replace it")
+    wav = torch.from_numpy(np.ascontiguousarray(data.T))  # [channels, samples]
+    if mono:
+        wav = wav.mean(dim=0)
+    if sr != sample_rate:
+        wav = torchaudio.functional.resample(wav, int(sr), int(sample_rate))
+    return wav.numpy().astype(np.float32, copy=False)
