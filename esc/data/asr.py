@@ -13,7 +13,7 @@ Per clip ``i`` a generator seeded with ``(seed, i)`` draws the rate factor from 
 from ``snr_db`` (``None`` = clean), 0.1-0.3 s of leading and trailing silence, and, when noisy,
 white Gaussian noise scaled to ``SNR = 10 log10(P_speech / P_noise)`` (powers over the speech
 samples). Audio is resampled to 16 kHz with ``torchaudio.functional.resample``. A split is cached as
-one ``.npz`` under ``cache_dir`` (default ``data/asr``), named by a hash of every parameter.
+one ``.npz`` under ``cache_dir`` (default ``data/asr``), named by a hash of every parameter and of the sentences.
 """
 from __future__ import annotations
 
@@ -113,10 +113,13 @@ def make_clip(text: str, voice: str, rng: np.random.Generator, rates: Sequence[f
 def make_clips(n: int, seed: int, voice: str, rates: Sequence[float] = (0.85, 1.0, 1.15),
                snr_db: Sequence[Optional[float]] = (None, 30.0, 20.0),
                espeak_voices: Sequence[str] = DEFAULT_ESPEAK_VOICES, espeak_pitches: Sequence[int] = (35, 50, 65),
-               cache_dir: Optional[str | os.PathLike] = "data/asr", sample_rate: int = 16000) -> list[Clip]:
+               cache_dir: Optional[str | os.PathLike] = "data/asr", sample_rate: int = 16000,
+               progress: bool = True) -> list[Clip]:
     """``n`` clips of ``voice`` speaking ``generate_sentences(n, seed)``, cached under ``cache_dir`` (``None``: no cache)."""
-    params = dict(n=n, seed=seed, voice=voice, rates=list(rates), snr_db=list(snr_db), espeak_voices=list(espeak_voices),
-                  espeak_pitches=list(espeak_pitches), sample_rate=sample_rate, version=1)
+    texts = generate_sentences(n, seed)
+    params = dict(n=n, seed=seed, texts_sha1=hashlib.sha1("\n".join(texts).encode()).hexdigest(), voice=voice,
+                  rates=list(rates), snr_db=list(snr_db), espeak_voices=list(espeak_voices),
+                  espeak_pitches=list(espeak_pitches), sample_rate=sample_rate, version=2)
     key = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
     path = Path(cache_dir) / f"{voice}_n{n}_s{seed}_{key}.npz" if cache_dir is not None else None
     if path is not None and path.is_file():
@@ -124,12 +127,10 @@ def make_clips(n: int, seed: int, voice: str, rates: Sequence[float] = (0.85, 1.
             waves = np.split(z["audio"], z["offsets"][1:-1])
             texts, voices, metas = list(z["texts"]), list(z["voices"]), json.loads(str(z["meta"]))
         return [Clip(w, str(t), str(v), m) for w, t, v, m in zip(waves, texts, voices, metas)]
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover
-        tqdm = lambda x, **k: x  # noqa: E731
+    from tqdm import tqdm
+
     clips = []
-    for i, text in enumerate(tqdm(generate_sentences(n, seed), desc=f"synthesising {voice}", leave=False)):
+    for i, text in enumerate(tqdm(texts, desc=f"synthesising {voice}", leave=False, disable=not progress)):
         rng = np.random.default_rng([seed, i])
         clips.append(make_clip(text, voice, rng, rates, snr_db, espeak_voices, espeak_pitches, sample_rate))
     if path is not None:

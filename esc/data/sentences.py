@@ -5,7 +5,8 @@ this module (no fetched corpora). Every sentence is plain text with normal capit
 punctuation; numbers are written as words (Whisper's English normaliser maps both spellings to
 digits, so "twelve" and "12" score as equal). :func:`generate_sentences` is a pure function of
 ``(n, seed)``: the same arguments always give the same list, and the sentences of one call are
-distinct.
+distinct. Spelling is American (Whisper writes "neighbor", "center"; the British -> American
+map of Whisper's normaliser is not available offline, see :func:`esc.tasks.asr.english_normalizer`).
 """
 from __future__ import annotations
 
@@ -13,15 +14,15 @@ import random
 
 NAMES = ["Anna", "David", "Maria", "James", "Sarah", "Peter", "Laura", "Daniel", "Emma", "Thomas", "Olivia",
          "Michael", "Sophie", "Robert", "Grace", "Henry", "Alice", "George", "Lucy", "Frank", "Helen", "Jack"]
-PEOPLE = ["my sister", "the teacher", "our neighbour", "the doctor", "his brother", "the manager", "a young student",
+PEOPLE = ["my sister", "the teacher", "our neighbor", "the doctor", "his brother", "the manager", "a young student",
           "the old farmer", "my best friend", "the driver", "her mother", "the new nurse", "the chef", "our guide"]
 OBJECTS = ["the blue package", "a cup of coffee", "the old map", "some fresh bread", "the red umbrella",
            "a small wooden box", "the spare keys", "the morning newspaper", "a bottle of water", "the heavy suitcase",
            "a pair of gloves", "the yellow notebook", "the birthday cake", "a basket of apples", "the green jacket",
            "the broken radio", "a bunch of flowers", "the kitchen table", "the train tickets", "a warm blanket"]
 PLACES = ["the station", "the library", "the market", "the hospital", "the park", "the office", "the beach",
-          "the museum", "the airport", "the village", "the garden", "the harbour", "the school", "the bakery",
-          "the city centre", "the hotel", "the river", "the mountains", "the post office", "the kitchen"]
+          "the museum", "the airport", "the village", "the garden", "the harbor", "the school", "the bakery",
+          "the city center", "the hotel", "the river", "the mountains", "the post office", "the kitchen"]
 TIMES = ["this morning", "last night", "on Monday", "next week", "after lunch", "before dinner", "on Friday evening",
          "at noon", "every Sunday", "in the afternoon", "tomorrow", "yesterday", "early in the morning", "at midnight",
          "last summer", "in a few minutes", "later today", "on Tuesday"]
@@ -38,7 +39,7 @@ FOODS = ["soup", "rice", "chicken", "pasta", "salad", "fish", "potatoes", "panca
 NUMBERS = ["two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "twelve", "fifteen", "twenty"]
 UNITS = ["minutes", "hours", "days", "weeks", "miles", "people", "books", "chairs"]
 FUTURE_TIMES = ["tomorrow", "next week", "this afternoon", "on Saturday", "later today", "tonight"]
-WEATHER_ADJ = ["cold", "warm", "windy", "sunny", "cloudy", "wet", "mild", "grey"]
+WEATHER_ADJ = ["cold", "warm", "windy", "sunny", "cloudy", "wet", "mild", "stormy"]
 JOBS = ["the report", "the homework", "the painting", "the new bridge", "the garden wall", "the presentation"]
 
 TEMPLATES = [

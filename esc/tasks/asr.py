@@ -184,7 +184,7 @@ class ASRTask(Task):
         n, seed = (self.num_test, self.test_seed) if split == "test" else (self.num_train, self.train_seed)
         out: list[Clip] = []
         for voice in self.voices:
-            out += make_clips(n, seed, voice, cache_dir=self.data_dir, **self.synth)
+            out += make_clips(n, seed, voice, cache_dir=self.data_dir, progress=self.progress, **self.synth)
         return out
 
     def _features(self, clips: Sequence[Clip]) -> torch.Tensor:
