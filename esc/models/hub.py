@@ -290,6 +290,11 @@ def hub_access(kind: str, name_or_path: str, alternative: str = LOCAL_HINT):
             f"Otherwise {alternative}.") from e
 
 
+def tiny_name(name: str) -> str:
+    """``name`` with a ``_tiny`` suffix (once)."""
+    return name if name.endswith("_tiny") else f"{name}_tiny"
+
+
 def _finish(hf_model: nn.Module) -> nn.Module:
     hf_model.eval()
     for p in hf_model.parameters():
@@ -311,7 +316,7 @@ def _build_ast(name: str, name_or_path: str, tiny: bool, config_overrides: Optio
                            label2id={l: i for i, l in enumerate(labels)})
         hf = _seeded(seed, lambda: ASTForAudioClassification(config))
         fe = ASTFeatureExtractor(num_mel_bins=config.num_mel_bins, max_length=config.max_length)
-        name = f"{name}_tiny"
+        name = tiny_name(name)
     else:
         with hub_access("model", name_or_path, f"{LOCAL_HINT}, or use model={name}_tiny (random weights, tests)"):
             hf = ASTForAudioClassification.from_pretrained(name_or_path, cache_dir=cache_dir, **(config_overrides or {}))
@@ -385,7 +390,7 @@ def _build_ctc(kind: str, name: str, name_or_path: str, tiny: bool, config_overr
         hf = _seeded(seed, lambda: model_cls(config))
         decoder = CTCGreedyDecoder(LIBRISPEECH_CHARS, blank_id=0)
         frontend = CTCFrontend(do_normalize=True, attention_mask=config.feat_extract_norm == "layer")
-        name, hub_id = f"{name}_tiny", None
+        name, hub_id = tiny_name(name), None
     else:
         with hub_access("model", name_or_path, f"{LOCAL_HINT}, or use model={name}_tiny (random weights, tests)"):
             hf = model_cls.from_pretrained(name_or_path, cache_dir=cache_dir, **(config_overrides or {}))
@@ -461,7 +466,7 @@ def build_whisper_hub(name_or_path: str = HUB_IDS["whisper_base_hub"], tiny: boo
                                decoder_start_token_id=sot, **spec)
         hf = _seeded(seed, lambda: WhisperForConditionalGeneration(config))
         suppress, suppress_begin = [], []
-        name, hub_id = f"{name}_tiny", None
+        name, hub_id = tiny_name(name), None
     else:
         from transformers import AutoTokenizer
 

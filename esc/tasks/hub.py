@@ -70,15 +70,15 @@ class HubKeywordSpottingTask(KeywordSpottingTask):
         words: label names kept (default the 35 words; ``_silence_`` rows are dropped).
         subset_seed: seed of both subsets.
         eval_batch_size / calibration_batch_size / progress: as the offline task.
+        name: task name in result rows.
     """
-
-    name = "kws"
 
     def __init__(self, path: str = "google/speech_commands", config: Optional[str] = "v0.02", test_split: str = "test",
                  train_split: str = "train", max_test_clips: Optional[int] = None, train_max_samples: Optional[int] = 1000,
                  words: Optional[Sequence[str]] = None, subset_seed: int = 0, revision: Optional[str] = None,
                  cache_dir: Optional[str] = None, eval_batch_size: int = 64, calibration_batch_size: int = 32,
-                 progress: bool = True) -> None:
+                 progress: bool = True, name: str = "speechcommands") -> None:
+        self.name = name
         super().__init__(eval_batch_size=eval_batch_size, calibration_batch_size=calibration_batch_size,
                          max_test_clips=None, subset_seed=subset_seed, generate=False, progress=progress)
         self.source = dict(path=path, name=config, revision=revision, cache_dir=cache_dir, words=words,
@@ -111,6 +111,7 @@ class HubTaggingTask(AudioTaggingTask):
         max_test_clips / calibration_clips: seeded subsets (``None``: all clips of those folds).
         clip_samples: clip length at 16 kHz (ESC-50: 5 s = 80000).
         batch_size / loss / cache_fp32: as :class:`AudioTaggingTask`; ``data_dir`` holds its FP32-score cache.
+        name: task name in result rows.
     """
 
     def __init__(self, path: str = "ashraq/esc50", split: str = "train", test_folds: Sequence[int] = (1, 2, 3, 4),
@@ -118,7 +119,8 @@ class HubTaggingTask(AudioTaggingTask):
                  max_test_clips: Optional[int] = None, calibration_clips: Optional[int] = 200, subset_seed: int = 0,
                  clip_samples: int = 80000, revision: Optional[str] = None, cache_dir: Optional[str] = None,
                  batch_size: int = 16, loss: str = "fp32", data_dir: str = "data/esc50", cache_fp32: bool = True,
-                 progress: bool = True) -> None:
+                 progress: bool = True, name: str = "esc50") -> None:
+        self.name = name
         if set(test_folds) & set(calibration_folds):
             raise ValueError(f"test_folds {list(test_folds)} and calibration_folds {list(calibration_folds)} overlap; make them disjoint")
         class_map = dict(hubdata.ESC50_TO_AUDIOSET if class_map is None else class_map)
@@ -153,14 +155,16 @@ class HubASRTask(ASRTask):
         path / config / revision / cache_dir: the data set (``openslr/librispeech_asr``).
         test_split: ``test`` (test-clean / test-other); max_test_clips: seeded subset (``None``: all).
         train_split / train_max_samples: the calibration pool (default 200 utterances of ``validation``).
-        subset_seed: seed of both subsets. Other keyword arguments go to :class:`ASRTask`
+        subset_seed: seed of both subsets. name: task name in result rows (default ``librispeech_<config>``).
+        Other keyword arguments go to :class:`ASRTask`
         (``eval_batch_size``, ``calibration_batch_size``, ``max_new_tokens``, ``spelling_map``, ``progress``).
     """
 
     def __init__(self, path: str = "openslr/librispeech_asr", config: Optional[str] = "clean", test_split: str = "test",
                  max_test_clips: Optional[int] = None, train_split: str = "validation",
                  train_max_samples: Optional[int] = 200, subset_seed: int = 0, revision: Optional[str] = None,
-                 cache_dir: Optional[str] = None, **kwargs) -> None:
+                 cache_dir: Optional[str] = None, name: Optional[str] = None, **kwargs) -> None:
+        self.name = name or f"librispeech_{config or 'asr'}"
         super().__init__(data_dir=None, voices=(), **kwargs)
         self.source = dict(path=path, name=config, revision=revision, cache_dir=cache_dir, seed=subset_seed,
                            progress=self.progress)
