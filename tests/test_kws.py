@@ -1,6 +1,8 @@
 """Keyword-spotting default: eSpeak NG synthesis, synthetic data, audio loading, the AST and the task."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -9,7 +11,7 @@ import torch
 from esc.calibrators.base import Observer, observe, repeat_batch
 from esc.data import espeak
 from esc.data.audio import AudioLoadError, load_audio
-from esc.data.kws import SPLITS, KWSConfig, generate_kws, load_kws
+from esc.data.kws import SPLITS, WORDS, KWSConfig, generate_kws, load_kws
 from esc.models.ast import build_kws_ast
 from esc.quant.model import QuantSpec, quantize_model
 from esc.tasks.kws import TINY_DATA, KeywordSpottingTask
@@ -50,7 +52,7 @@ def test_synthesis_rate_and_errors():
 # -------------------------------------------------------------------------------------- dataset
 @pytest.fixture(scope="module")
 def tiny_data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("kws")
+    d = tmp_path_factory.mktemp("data") / "kws"  # ${paths.data}/kws as in conf/task/kws_tiny.yaml
     generate_kws(d, TINY_CFG, progress=False)
     return d
 
@@ -205,3 +207,26 @@ def test_task_evaluate_and_calibration_data(tiny_bundle, tiny_data_dir):
     sub = KeywordSpottingTask(data_dir=str(tiny_data_dir), tiny=True, max_test_clips=5, generate=False, progress=False)
     sub.prepare(tiny_bundle)
     assert len(sub.test_labels) == 5
+
+
+def test_hydra_configs_instantiate(tiny_data_dir):
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    ckpt_dir = Path(__file__).resolve().parents[1] / "checkpoints"
+    base = OmegaConf.create({"paths": {"data": str(tiny_data_dir.parent), "checkpoints": str(ckpt_dir)},
+                             "calibration": {"batch_size": 4}})
+    load = lambda group, name: OmegaConf.merge(base, {"x": OmegaConf.load(conf / group / f"{name}.yaml")}).x  # noqa: E731
+    bundle = instantiate(load("model", "ast_tiny"))
+    task = instantiate(load("task", "kws_tiny"))
+    assert isinstance(task, KeywordSpottingTask) and bundle.name == "ast_tiny"
+    task.prepare(bundle)
+    assert set(task.evaluate(bundle.model)) == {"accuracy", "loss"}
+    assert task.calibration_data(6, seed=0).batches[0][0].shape[0] == 4
+    full = load("task", "kws")
+    assert full._target_ == "esc.tasks.kws.KeywordSpottingTask" and full.data_dir.endswith("/kws")
+    if (ckpt_dir / "kws_ast.pt").is_file():  # the committed checkpoint
+        real = instantiate(load("model", "ast_kws"))
+        assert real.labels == list(WORDS)
+        assert real.extras["test_accuracy"] >= 95.0

@@ -102,11 +102,21 @@ class KWSConfig:
         return int(round(self.sample_rate * self.clip_seconds))
 
 
+def pcm_to_float(pcm: np.ndarray) -> np.ndarray:
+    """int16 PCM -> float32 in [-1, 1) (float input is returned as float32)."""
+    if pcm.dtype == np.int16:
+        return pcm.astype(np.float32) / 32768.0
+    return pcm.astype(np.float32, copy=False)
+
+
 @dataclass
 class KWSSplit:
-    """One split: ``waveforms`` float32 ``[N, samples]``, ``labels`` int64 ``[N]``, ``voice_ids`` int64 ``[N]`` into ``voices``."""
+    """One split: ``pcm`` int16 ``[N, samples]``, ``labels`` int64 ``[N]``, ``voice_ids`` int64 ``[N]`` into ``voices``.
 
-    waveforms: np.ndarray
+    The audio stays int16 in memory; :meth:`audio` / :attr:`waveforms` give float32.
+    """
+
+    pcm: np.ndarray
     labels: np.ndarray
     voice_ids: np.ndarray
     voices: list[str]
@@ -114,6 +124,15 @@ class KWSSplit:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def audio(self, index=slice(None)) -> np.ndarray:
+        """Float32 waveforms ``[n, samples]`` of the clips selected by ``index`` (a slice or index array)."""
+        return pcm_to_float(self.pcm[index])
+
+    @property
+    def waveforms(self) -> np.ndarray:
+        """All clips as float32 ``[N, samples]`` (a fresh array; prefer :meth:`audio` for subsets)."""
+        return self.audio()
 
 
 # ----------------------------------------------------------------------------------- generation
@@ -247,7 +266,7 @@ def generate_kws(data_dir: str | Path, config: KWSConfig = KWSConfig(), progress
     arrays = {}
     for split in SPLITS:
         s = generate_split(config, split, voices[split], progress)
-        arrays.update({f"{split}_waveforms": s.waveforms, f"{split}_labels": s.labels,
+        arrays.update({f"{split}_waveforms": s.pcm, f"{split}_labels": s.labels,
                        f"{split}_voice_ids": s.voice_ids, f"{split}_voices": np.array(s.voices)})
         log.info("kws %s: %d clips, %d voices (%d variants), %d words", split, len(s), len(s.voices),
                  len({v.partition('+')[2] or DEFAULT_VARIANT for v in s.voices}), len(config.words))
@@ -266,8 +285,11 @@ def _generate_child(data_dir: str, config: KWSConfig, progress: bool) -> None:
 
 
 def load_kws(data_dir: str | Path, config: KWSConfig = KWSConfig(), generate: bool = True,
-             progress: bool = True) -> dict[str, KWSSplit]:
-    """The splits of ``config`` as float32 waveforms, generated into ``data_dir`` on first use."""
+             progress: bool = True, splits: tuple[str, ...] = SPLITS) -> dict[str, KWSSplit]:
+    """The ``splits`` of ``config`` (int16 audio in memory), generated into ``data_dir`` on first use."""
+    unknown = set(splits) - set(SPLITS)
+    if unknown:
+        raise ValueError(f"unknown kws splits {sorted(unknown)}; choose among {SPLITS}")
     path = cache_path(data_dir, config)
     if not path.is_file():
         if not generate:
@@ -277,11 +299,11 @@ def load_kws(data_dir: str | Path, config: KWSConfig = KWSConfig(), generate: bo
     try:
         with np.load(path) as z:
             words = tuple(str(w) for w in z["words"])
-            splits = {s: KWSSplit(z[f"{s}_waveforms"].astype(np.float32) / 32768.0, z[f"{s}_labels"],
-                                  z[f"{s}_voice_ids"], [str(v) for v in z[f"{s}_voices"]], words) for s in SPLITS}
+            out = {s: KWSSplit(z[f"{s}_waveforms"], z[f"{s}_labels"], z[f"{s}_voice_ids"],
+                               [str(v) for v in z[f"{s}_voices"]], words) for s in splits}
     except Exception as e:
         raise ValueError(f"kws cache {path} is unreadable ({e}); delete it and rerun `python -m esc.data.kws`") from e
-    return splits
+    return out
 
 
 def config_from_kwargs(**kwargs) -> KWSConfig:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from esc.data.kws import KWSConfig, load_kws
+from esc.data.kws import KWSConfig, load_kws, pcm_to_float
 from esc.models.ast import AST, ASTConfig, FrontendConfig, LogMelFrontend
 
 log = logging.getLogger(__name__)
@@ -34,11 +34,11 @@ log = logging.getLogger(__name__)
 
 def compute_features(frontend: LogMelFrontend, waveforms: np.ndarray, batch_size: int = 512,
                      normalized: bool = True, progress: bool = False, desc: str = "features") -> torch.Tensor:
-    """Front-end features of ``waveforms [N, samples]`` in batches (``normalized=False``: raw log-mel)."""
+    """Front-end features of ``waveforms [N, samples]`` (int16 PCM or float) in batches (``normalized=False``: raw log-mel)."""
     out = []
     with torch.no_grad():
         for start in tqdm(range(0, len(waveforms), batch_size), desc=desc, disable=not progress):
-            wav = torch.from_numpy(np.ascontiguousarray(waveforms[start:start + batch_size]))
+            wav = torch.from_numpy(np.ascontiguousarray(pcm_to_float(waveforms[start:start + batch_size])))
             out.append(frontend(wav) if normalized else frontend.log_mel(wav))
     return torch.cat(out)
 
@@ -85,7 +85,7 @@ def train(args: argparse.Namespace) -> dict:
                     frontend=FrontendConfig(n_mels=args.n_mels))
     frontend = LogMelFrontend(cfg.frontend)
     t0 = time.perf_counter()
-    raw = {s: compute_features(frontend, splits[s].waveforms, normalized=False, progress=True, desc=f"features {s}")
+    raw = {s: compute_features(frontend, splits[s].pcm, normalized=False, progress=True, desc=f"features {s}")
            for s in ("train", "valid", "test")}
     mean, std = float(raw["train"].mean()), float(raw["train"].std())
     cfg.frontend.mean, cfg.frontend.std = mean, std

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from esc.calibrators.base import CalibrationData
-from esc.data.kws import KWSSplit, config_from_kwargs, load_kws
+from esc.data.kws import KWSSplit, config_from_kwargs, load_kws, pcm_to_float
 from esc.models.base import ModelBundle
 from esc.tasks.base import Task
 
@@ -74,14 +74,16 @@ class KeywordSpottingTask(Task):
 
     # ------------------------------------------------------------------------------ prepare
     def _features(self, waveforms: np.ndarray) -> torch.Tensor:
+        """Front-end features of int16/float waveforms ``[n, samples]``, in batches of ``eval_batch_size``."""
         out = []
         with torch.no_grad():
             for start in range(0, len(waveforms), self.eval_batch_size):
-                wav = torch.from_numpy(np.ascontiguousarray(waveforms[start:start + self.eval_batch_size]))
+                wav = torch.from_numpy(np.ascontiguousarray(pcm_to_float(waveforms[start:start + self.eval_batch_size])))
                 out.append(self.bundle.frontend(wav))
         return torch.cat(out)
 
     def _model_labels(self, split: KWSSplit) -> torch.Tensor:
+        """The split's labels as indices into the model's label list."""
         names = self.bundle.labels
         if names is None:
             raise ValueError(f"model {self.bundle.name!r} has no label list; the kws task needs a classifier bundle with labels")
@@ -98,20 +100,22 @@ class KeywordSpottingTask(Task):
             raise ValueError(f"model {bundle.name!r} expects {bundle.sample_rate} Hz but the kws data is "
                              f"{self.data_config.sample_rate} Hz; set the task's sample_rate to match")
         self.bundle = bundle
-        splits = load_kws(self.data_dir, self.data_config, generate=self.generate, progress=self.progress)
+        splits = load_kws(self.data_dir, self.data_config, generate=self.generate, progress=self.progress,
+                          splits=("train", "test"))
         self.train, test = splits["train"], splits["test"]
         self.train_labels = self._model_labels(self.train)
         idx = np.arange(len(test))
         if self.max_test_clips is not None and self.max_test_clips < len(test):
             rng = np.random.default_rng(self.subset_seed)
             idx = np.sort(rng.choice(len(test), size=int(self.max_test_clips), replace=False))
-        self.test_features = self._features(test.waveforms[idx])
+        self.test_features = self._features(test.pcm[idx])
         self.test_labels = self._model_labels(test)[torch.from_numpy(idx)]
         self._train_cache: dict[int, torch.Tensor] = {}
         log.info("kws task: %d test clips (%d voices), %d train clips available for calibration",
                  len(self.test_labels), len(test.voices), len(self.train))
 
     def _check_prepared(self) -> None:
+        """Raise if :meth:`prepare` has not run."""
         if self.bundle is None:
             raise RuntimeError("KeywordSpottingTask.prepare(bundle) must be called before evaluate/calibration_data")
 
@@ -144,7 +148,7 @@ class KeywordSpottingTask(Task):
         idx = rng.choice(len(self.train), size=num_samples, replace=False)
         todo = sorted(int(i) for i in idx if int(i) not in self._train_cache)
         if todo:
-            feats = self._features(self.train.waveforms[todo])
+            feats = self._features(self.train.pcm[todo])
             self._train_cache.update(zip(todo, feats))
         x = torch.stack([self._train_cache[int(i)] for i in idx])
         y = self.train_labels[torch.from_numpy(idx)]
