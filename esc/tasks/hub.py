@@ -11,7 +11,7 @@ Each class subclasses an offline task and only changes where the data comes from
 * :class:`HubASRTask` (:class:`esc.tasks.asr.ASRTask`, Whisper decoding): LibriSpeech ``config``
   (``clean``/``other``) ``test``; calibration pool = ``train_max_samples`` utterances of
   ``train_split`` (default ``validation`` = dev-clean/dev-other: the training splits are 6-30 GB
-  downloads; set ``train_split: train.clean.100`` for the paper's "training split").
+  downloads; set ``train_split: train.100`` (config ``clean``; ``train.500`` for ``other``) for the paper's "training split").
 * :class:`CTCASRTask` (any :class:`esc.tasks.asr.ASRTask` data; CTC models) and
   :class:`HubCTCASRTask` (LibriSpeech + CTC): greedy CTC decoding through
   ``bundle.extras["decode"]`` (:class:`esc.models.hub.CTCGreedyDecoder`), the same WER/CER,
