@@ -83,10 +83,15 @@ def test_fp_reference_is_float_model(transformer_setup):
 
 
 # ------------------------------------------------------------------------------- local step
-def test_local_step_matches_brute_force_linear():
+@pytest.mark.parametrize("make_layer, shape", [
+    (lambda: nn.Linear(12, 6), (40, 12)),          # fewer outputs than inputs: the weight itself
+    (lambda: nn.Linear(6, 15), (40, 6)),           # more outputs than inputs: the QR-reduced error map
+    (lambda: nn.Conv1d(4, 8, 3, padding=1), (40, 4, 10)),
+], ids=["linear", "linear_wide", "conv1d"])
+def test_local_step_matches_brute_force(make_layer, shape):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(12, 6))
-    x = heavy_tailed((40, 12), outlier_scale=20.0, outlier_rate=0.01, seed=2)
+    model = nn.Sequential(make_layer())
+    x = heavy_tailed(shape, outlier_scale=20.0, outlier_rate=0.01, seed=2)
     data = CalibrationData([x[:16], x[16:]], forward=lambda m, b: m(b))
     qmodel = quantize_model(model, **W4A4)
     grid, min_fraction = 50, 1e-2
