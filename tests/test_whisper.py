@@ -174,7 +174,7 @@ def _clips():
 @pytest.fixture(scope="module")
 def tiny_task():
     bundle = build_whisper_tiny_random(encoder_frames=FRAMES, max_new_tokens=6)
-    task = ASRTask(clips=_clips(), eval_batch_size=2, calibration_batch_size=2, progress=False)
+    task = ASRTask(data_dir=None, clips=_clips(), eval_batch_size=2, calibration_batch_size=2, progress=False)
     task.prepare(bundle)
     return bundle, task
 
@@ -225,6 +225,23 @@ def test_asr_task_end_to_end(tiny_task):
     assert torch.equal(logits.argmax(-1)[mask], b["labels"][mask])
     with pytest.raises(ValueError, match="num_train"):
         task.calibration_data(4, seed=0)
+
+
+def test_pseudo_labels_cached_on_disk(tiny_task, tmp_path):
+    bundle, ref_task = tiny_task
+    task = ASRTask(data_dir=str(tmp_path), clips=_clips(), calibration_batch_size=3, progress=False)
+    task.prepare(bundle)
+    first = task.calibration_data(3, seed=0).batches[0]
+    files = list((tmp_path / "pseudo_labels").glob("*.json"))
+    assert len(files) == 1
+    again = ASRTask(data_dir=str(tmp_path), clips=_clips(), calibration_batch_size=3, progress=False)
+    again.prepare(bundle)
+    again.transcribe = None  # must not decode again: the labels come from the file
+    second = again.calibration_data(3, seed=0).batches[0]
+    assert torch.equal(first["labels"], second["labels"])
+    valid = lambda lab: [r[r != -100].tolist() for r in lab]  # noqa: E731
+    want = [row for b in ref_task.calibration_data(3, seed=0).batches for row in valid(b["labels"])]
+    assert valid(first["labels"]) == want  # same transcripts as the in-memory path
 
 
 def test_token_cross_entropy_known_answer():

@@ -16,14 +16,17 @@ Calibration (:meth:`ASRTask.calibration_data`): the FP32 model's own greedy tran
 calibration clips are the targets (pseudo-labels, computed once per clip and cached). A batch is
 ``{"input_features", "decoder_input_ids", "labels"}``: ``decoder_input_ids`` = prompt +
 transcript (right-padded with ``eos_id``), ``labels`` the next token at each position (-100 on
-prompt positions before the first transcript token and on padding). ``forward`` returns the
+prompt positions before the first transcript token and on padding). The pseudo-labels are cached
+on disk under ``<data_dir>/pseudo_labels/`` keyed by a hash of the model weights and the data. ``forward`` returns the
 teacher-forced decoder logits ``[B, L, vocab]``; ``loss`` is the per-sample mean token cross
 entropy against the labels.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -207,6 +210,7 @@ class ASRTask(Task):
         self.references = [self.normalizer(c.text) for c in self.test_clips]
         self._pseudo.clear()
         self._train_features.clear()
+        self._pseudo_key = None
         log.info("ASR task: %d test clips, %d training clips, voices %s", len(self.test_clips), len(self.train_clips),
                  sorted({c.voice for c in self.test_clips}))
 
@@ -278,6 +282,25 @@ class ASRTask(Task):
         return metrics
 
     # ------------------------------------------------------------------------------- calibration
+    def _pseudo_cache_path(self) -> Optional[Path]:
+        """``<data_dir>/pseudo_labels/<hash>.json``: FP32 transcripts of the training clips, keyed by a hash
+        of the float model's weights, the encoder window, the decoding settings and the training clips."""
+        if self.data_dir is None:
+            return None
+        if getattr(self, "_pseudo_key", None) is None:
+            h = hashlib.sha1()
+            for name, t in self.bundle.model.state_dict().items():
+                h.update(name.encode())
+                h.update(t.detach().float().contiguous().numpy().tobytes())
+            ex = self.extras
+            h.update(json.dumps([self.bundle.name, int(self.test_features.shape[-1]), list(ex["prompt_ids"]), ex["eos_id"],
+                                 list(ex.get("suppress_ids", ())), list(ex.get("suppress_ids_begin", ())), self._max_new,
+                                 [c.text for c in self.train_clips]]).encode())
+            for c in self.train_clips:
+                h.update(c.wave.tobytes())
+            self._pseudo_key = h.hexdigest()[:16]
+        return Path(self.data_dir) / "pseudo_labels" / f"{self.bundle.name}_{self._pseudo_key}.json"
+
     def calibration_data(self, num_samples: int, seed: int) -> CalibrationData:
         """``num_samples`` training clips (drawn with ``seed``) with the FP32 model's transcripts as targets."""
         if self.bundle is None:
@@ -291,11 +314,19 @@ class ASRTask(Task):
         if todo:
             for i, f in zip(todo, self._features([self.train_clips[i] for i in todo])):
                 self._train_features[i] = f
+        cache = self._pseudo_cache_path()
+        if cache is not None and not self._pseudo and cache.is_file():
+            self._pseudo.update({int(k): v for k, v in json.loads(cache.read_text()).items()})
         todo = [i for i in idx if i not in self._pseudo]
-        if todo:  # FP32 pseudo-labels, once per clip
+        if todo:  # FP32 pseudo-labels, once per clip (and per model/data, on disk)
             feats = torch.stack([self._train_features[i] for i in todo])
             for i, t in zip(todo, self.transcribe(self.bundle.model, feats)):
                 self._pseudo[i] = t
+            if cache is not None:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+                tmp.write_text(json.dumps({str(k): v for k, v in sorted(self._pseudo.items())}))
+                tmp.replace(cache)
         ex = self.extras
         batches = []
         for s in range(0, len(idx), self.calibration_batch_size):
