@@ -220,7 +220,7 @@ def test_hydra_configs_instantiate(tiny_data_dir):
     load = lambda group, name: OmegaConf.merge(base, {"x": OmegaConf.load(conf / group / f"{name}.yaml")}).x  # noqa: E731
     bundle = instantiate(load("model", "ast_tiny"))
     task = instantiate(load("task", "kws_tiny"))
-    assert isinstance(task, KeywordSpottingTask) and bundle.name == "ast_tiny"
+    assert isinstance(task, KeywordSpottingTask) and bundle.name == "ast_tiny" and task.name == "kws_tiny"
     task.prepare(bundle)
     assert set(task.evaluate(bundle.model)) == {"accuracy", "loss"}
     assert task.calibration_data(6, seed=0).batches[0][0].shape[0] == 4
