@@ -220,6 +220,25 @@ def test_librispeech_loader_parquet(local_sets):
     np.testing.assert_allclose(clips[0].wave, noise(8000, 10), atol=1e-4)  # FLAC round trip (16 bit)
 
 
+def test_hub_repo_loads_only_the_requested_split(local_sets, tmp_path):
+    """A repository laid out like openslr/librispeech_asr: reading `test` must not touch `validation`."""
+    repo = tmp_path / "repo"
+    for d in ("clean/test", "clean/validation"):
+        (repo / d).mkdir(parents=True)
+    rows = [{"audio": {"bytes": wav_bytes(noise(1600, i), 16000, "FLAC"), "path": f"{i}.flac"}, "text": f"WORD {i}"} for i in range(3)]
+    write_parquet(repo / "clean/test/0.parquet", rows)
+    (repo / "clean/validation/0.parquet").write_bytes(b"not a parquet file")  # reading it would fail
+    (repo / "README.md").write_text("---\nconfigs:\n- config_name: clean\n  data_files:\n"
+                                    "  - split: test\n    path: clean/test/*.parquet\n"
+                                    "  - split: validation\n    path: clean/validation/*.parquet\n---\n")
+    clips = hubdata.load_librispeech(str(repo), "clean", "test", progress=False, cache_dir=str(tmp_path / "cache"))
+    assert [c.text for c in clips] == ["WORD 0", "WORD 1", "WORD 2"]
+    with pytest.raises(Exception, match="(?i)parquet"):
+        hubdata.load_librispeech(str(repo), "clean", "validation", progress=False, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ValueError, match="no split 'train.100'"):
+        hubdata.load_split(str(repo), "clean", "train.100", cache_dir=str(tmp_path / "cache"))
+
+
 def test_esc50_loader_maps_to_audioset(local_sets):
     s = hubdata.load_esc50(str(local_sets["esc50"]), folds=[1, 2], progress=False, cache_dir=str(local_sets["cache"]))
     assert s.waves.shape == (3, 80000)  # drinking_sipping has no AudioSet class: dropped

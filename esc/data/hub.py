@@ -18,7 +18,9 @@ Decoding: every loader casts the audio column to ``datasets.Audio(decode=False)`
 5.x decodes audio only through torchcodec). Formats: whatever libsndfile reads (WAV, FLAC, OGG...);
 a row that fails raises :class:`esc.data.audio.AudioLoadError` naming the row and its file.
 
-``path`` is a hub id or a local data set: a ``save_to_disk`` folder, a ``.parquet`` / ``.arrow``
+``path`` is a hub id (only the requested split is downloaded, see :func:`load_split`), a local
+checkout of a hub repository (a folder with a ``README.md`` declaring its configs), or a local
+data set: a ``save_to_disk`` folder, a ``.parquet`` / ``.arrow``
 file or a folder of them, or a folder of audio files laid out like ``audiofolder`` (class
 sub-folders become ``label``, ``metadata.csv`` adds columns such as ``text``; read by
 :func:`folder_dataset`, since datasets' own ``audiofolder`` builder needs torchcodec to encode). Tests write such small local sets shaped like the
@@ -127,6 +129,30 @@ def folder_dataset(root: Path, split: str = "test", audio_column: str = "audio")
     return Dataset.from_dict(columns)
 
 
+def load_split(path: str, name: Optional[str], split: str, revision: Optional[str] = None,
+               cache_dir: Optional[str] = None):
+    """One split of a hub data set, downloading only that split's files.
+
+    ``datasets.load_dataset(path, name, split=...)`` downloads and prepares *every* split of the
+    config (LibriSpeech ``clean`` would fetch 30 GB of training audio to read the 350 MB test
+    set). For parquet/arrow repositories this reads the config's file list with
+    ``load_dataset_builder`` and loads only ``split``'s files with the packaged builder and the
+    repository's features; other repositories fall back to ``load_dataset``.
+    """
+    import datasets
+
+    builder = datasets.load_dataset_builder(path, name, revision=revision, cache_dir=cache_dir)
+    data_files = getattr(builder.config, "data_files", None) or {}
+    kind = type(builder).__module__.rsplit(".", 1)[-1]
+    if kind in ("parquet", "arrow") and split in data_files and len(data_files) > 1:
+        log.info("%s: loading only the %r split (%d files)", path, split, len(data_files[split]))
+        return datasets.load_dataset(kind, data_files={split: list(data_files[split])}, split=split,
+                                     features=builder.info.features, cache_dir=cache_dir)
+    if data_files and split not in data_files:
+        raise ValueError(f"{path} ({name or 'default'}) has no split {split!r}; it has {sorted(data_files)}")
+    return datasets.load_dataset(path, name, split=split, revision=revision, cache_dir=cache_dir)
+
+
 def open_dataset(path: str, name: Optional[str] = None, split: str = "test", revision: Optional[str] = None,
                  cache_dir: Optional[str] = None, audio_column: str = "audio"):
     """A ``datasets.Dataset`` (one split) whose ``audio_column`` is ``Audio(decode=False)``.
@@ -138,7 +164,8 @@ def open_dataset(path: str, name: Optional[str] = None, split: str = "test", rev
     from datasets import Audio
 
     local = Path(path).expanduser()
-    if local.exists():
+    repo_like = local.is_dir() and (local / "README.md").is_file()  # a hub repository checked out locally
+    if local.exists() and not repo_like:
         if local.is_dir() and ((local / "dataset_info.json").is_file() or (local / "dataset_dict.json").is_file()
                                or (local / "state.json").is_file()):
             ds = _pick_split(datasets.load_from_disk(str(local)), split, str(local))
@@ -159,12 +186,12 @@ def open_dataset(path: str, name: Optional[str] = None, split: str = "test", rev
         with hub_access("data set", where, "give path: a local copy (parquet / arrow files, a save_to_disk folder, "
                                            "or a folder of audio files)"):
             try:
-                ds = datasets.load_dataset(path, name, split=split, revision=revision, cache_dir=cache_dir)
+                ds = load_split(path, name, split, revision, cache_dir)
             except RuntimeError as e:
                 if "scripts are no longer supported" not in str(e) or revision is not None:
                     raise
                 log.info("%s is script-based; loading its parquet export (%s)", path, PARQUET_REVISION)
-                ds = datasets.load_dataset(path, name, split=split, revision=PARQUET_REVISION, cache_dir=cache_dir)
+                ds = load_split(path, name, split, PARQUET_REVISION, cache_dir)
     if audio_column not in ds.column_names:
         raise ValueError(f"data set {path} has no audio column {audio_column!r}; its columns are {ds.column_names}")
     return ds.cast_column(audio_column, Audio(decode=False))
