@@ -208,6 +208,11 @@ class ASRTask(Task):
         self.train_clips = self._split("train")
         self.test_features = self._features(self.test_clips)
         self.references = [self.normalizer(c.text) for c in self.test_clips]
+        window = self.test_features.shape[-1] * 160  # samples per encoder window (hop 160 at 16 kHz)
+        longer = sum(len(c.wave) > window for c in [*self.test_clips, *self.train_clips])
+        if longer:
+            log.warning("%d clips are longer than the %.1f s encoder window and are cut; raise the model's "
+                        "encoder_frames", longer, window / 16000)
         self._pseudo.clear()
         self._train_features.clear()
         self._pseudo_key = None
