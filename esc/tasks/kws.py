@@ -48,7 +48,7 @@ class KeywordSpottingTask(Task):
         tiny: use :data:`TINY_DATA` (3 words, 2 train / 2 test voices) for tests; explicit
             ``data`` parameters override it.
         generate: synthesise the data set if it is not cached (otherwise raise).
-        name: task name in result rows.
+        name: task name in result rows (default ``kws``).
         data: further :class:`esc.data.kws.KWSConfig` fields (num_voices, clips_per_word, words, ...).
 
     Train features are computed lazily, only for the clips drawn for calibration, and memoised;
@@ -61,8 +61,9 @@ class KeywordSpottingTask(Task):
 
     def __init__(self, data_dir: str = "data/kws", seed: int = 0, eval_batch_size: int = 256,
                  calibration_batch_size: int = 32, max_test_clips: Optional[int] = None, subset_seed: int = 0,
-                 tiny: bool = False, generate: bool = True, progress: bool = True, name: str = "kws", **data) -> None:
-        self.name = name
+                 tiny: bool = False, generate: bool = True, progress: bool = True, name: Optional[str] = None, **data) -> None:
+        if name is not None:  # else the class attribute (subclasses may set self.name before calling this)
+            self.name = name
         params = {**(TINY_DATA if tiny else {}), **data, "seed": seed}
         self.data_config = config_from_kwargs(**params)
         self.data_dir = data_dir
