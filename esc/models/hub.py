@@ -47,7 +47,6 @@ import logging
 import os
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
