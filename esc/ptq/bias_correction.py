@@ -9,8 +9,8 @@ from tqdm.auto import tqdm
 
 from esc.calibrators.base import CalibrationData
 from esc.ptq.base import PTQMethod
-from esc.ptq.common import (channel_dim, float_layer_forward, forward_order, out_channels, quantized_layers,
-                            require_quantized, run_batches)
+from esc.ptq.common import (StopForward, channel_dim, float_layer_forward, out_channels, quantized_layers, require_quantized,
+                            run_batches, trace_calls)
 from esc.quant.quantizer import QuantizationError
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,8 @@ class BiasCorrection(PTQMethod):
         qmodel = require_quantized(model, self.name)
         layers = quantized_layers(qmodel)
         self.corrections = {}
-        for name in tqdm(forward_order(qmodel, data, layers), desc=self.name, leave=False):
+        order, calls, _ = trace_calls(qmodel, data, layers)
+        for name in tqdm(order, desc=self.name, leave=False):
             layer = layers[name]
             if layer.bias is None:
                 if not self.add_missing_bias:
@@ -63,13 +64,14 @@ class BiasCorrection(PTQMethod):
                     continue
                 layer.bias = nn.Parameter(torch.zeros(out_channels(layer), dtype=layer.weight.dtype,
                                                       device=layer.weight.device), requires_grad=layer.weight.requires_grad)
-            delta = self.mean_error(qmodel, data, layer)
+            delta = self.mean_error(qmodel, data, layer, stop=calls[name] == 1)
             with torch.no_grad():
                 layer.bias.sub_(delta)
             self.corrections[name] = float(delta.abs().max())
 
-    def mean_error(self, qmodel: nn.Module, data: CalibrationData, layer: nn.Module) -> torch.Tensor:
-        """``delta_c`` of ``layer`` (see the class docstring) over the calibration set."""
+    def mean_error(self, qmodel: nn.Module, data: CalibrationData, layer: nn.Module, stop: bool = False) -> torch.Tensor:
+        """``delta_c`` of ``layer`` (see the class docstring) over the calibration set (``stop``: the layer runs
+        once per forward, so each pass may end right after it)."""
         dim = channel_dim(layer)
         total = torch.zeros(out_channels(layer), dtype=torch.float64, device=layer.weight.device)
         count = [0]
@@ -85,7 +87,12 @@ class BiasCorrection(PTQMethod):
             total.add_(err.sum(0, dtype=torch.float64))
             count[0] += err.shape[0]
 
-        handle = layer.register_forward_hook(hook)
+        def hook_and_stop(mod, args, output):
+            hook(mod, args, output)
+            if stop:
+                raise StopForward  # nothing after this layer matters for its statistics
+
+        handle = layer.register_forward_hook(hook_and_stop)
         try:
             run_batches(qmodel, data)
         finally:

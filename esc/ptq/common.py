@@ -54,7 +54,7 @@ def float_layer_forward(layer: nn.Module, x: torch.Tensor, weight: Optional[torc
     return layer._conv_forward(x, w, layer.bias)
 
 
-class _Stop(Exception):
+class StopForward(Exception):
     """Raised by a hook to end a forward pass early."""
 
 
@@ -64,8 +64,35 @@ def run_batches(model: nn.Module, data: CalibrationData, limit: Optional[int] = 
         for batch in data.batches[:limit]:
             try:
                 data.forward(model, batch)
-            except _Stop:
+            except StopForward:
                 pass
+
+
+def trace_calls(model: nn.Module, data: CalibrationData, modules: dict[str, nn.Module]) -> tuple[list[str], dict[str, int], dict[str, int]]:
+    """Run the first calibration batch; return the names of ``modules`` in order of first call, each one's call
+    count, and the bytes of its (first-tensor) outputs on that batch."""
+    order: list[str] = []
+    counts = {name: 0 for name in modules}
+    nbytes = {name: 0 for name in modules}
+    handles = []
+    for name, module in modules.items():
+        def pre_hook(mod, args, name=name):
+            if not counts[name]:
+                order.append(name)
+            counts[name] += 1
+
+        def post_hook(mod, args, out, name=name):
+            with contextlib.suppress(TypeError):
+                t = first_tensor(out)
+                nbytes[name] += t.numel() * t.element_size()
+        handles.append(module.register_forward_pre_hook(pre_hook))
+        handles.append(module.register_forward_hook(post_hook))
+    try:
+        run_batches(model, data, limit=1)
+    finally:
+        for h in handles:
+            h.remove()
+    return order, counts, nbytes
 
 
 def forward_order(model: nn.Module, data: CalibrationData, modules: dict[str, nn.Module]) -> list[str]:
@@ -73,18 +100,7 @@ def forward_order(model: nn.Module, data: CalibrationData, modules: dict[str, nn
 
     Modules that are not called are dropped with a warning (they get no PTQ treatment).
     """
-    order: list[str] = []
-    handles = []
-    for name, module in modules.items():
-        def hook(mod, args, name=name):
-            if name not in order:
-                order.append(name)
-        handles.append(module.register_forward_pre_hook(hook))
-    try:
-        run_batches(model, data, limit=1)
-    finally:
-        for h in handles:
-            h.remove()
+    order = trace_calls(model, data, modules)[0]
     missing = [n for n in modules if n not in order]
     if missing:
         log.warning("%d module(s) are not on the forward path of the calibration data and are left as is: %s",
@@ -117,26 +133,58 @@ def first_tensor(obj: Any) -> torch.Tensor:
 
 
 def capture(model: nn.Module, data: CalibrationData, module: nn.Module, inputs: bool = False,
-            outputs: bool = False) -> tuple[list[tuple[tuple, dict]], list[torch.Tensor]]:
+            outputs: bool = False, stop: bool = False) -> tuple[list[tuple[tuple, dict]], list[torch.Tensor]]:
     """Run the calibration set once and record every call of ``module``.
 
     Returns ``(calls, outs)``: ``calls`` holds the detached ``(args, kwargs)`` of each call (when
-    ``inputs``), ``outs`` the first tensor of each call's output (when ``outputs``).
+    ``inputs``), ``outs`` the first tensor of each call's output (when ``outputs``). With ``stop``
+    (only for modules called once per forward, see :func:`trace_calls`) each forward pass ends as
+    soon as what was asked for is recorded.
     """
     calls: list[tuple[tuple, dict]] = []
     outs: list[torch.Tensor] = []
     handles = []
+
+    def pre_hook(mod, args, kwargs):
+        calls.append((detach_tree(args), detach_tree(kwargs)))
+        if stop and not outputs:
+            raise StopForward
+
+    def post_hook(mod, args, out):
+        outs.append(first_tensor(out).detach())
+        if stop:
+            raise StopForward
+
     if inputs:
-        handles.append(module.register_forward_pre_hook(
-            lambda mod, args, kwargs: calls.append((detach_tree(args), detach_tree(kwargs))), with_kwargs=True))
+        handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
     if outputs:
-        handles.append(module.register_forward_hook(lambda mod, args, out: outs.append(first_tensor(out).detach())))
+        handles.append(module.register_forward_hook(post_hook))
     try:
         run_batches(model, data)
     finally:
         for h in handles:
             h.remove()
     return calls, outs
+
+
+def capture_outputs(model: nn.Module, data: CalibrationData, modules: list[nn.Module],
+                    stop_after: Optional[nn.Module] = None) -> list[list[torch.Tensor]]:
+    """One pass over the calibration set recording the (first-tensor) outputs of every call of each of
+    ``modules``; with ``stop_after`` each forward pass ends once that module has produced its output."""
+    outs: list[list[torch.Tensor]] = [[] for _ in modules]
+    handles = []
+    for i, module in enumerate(modules):
+        def hook(mod, args, out, i=i):
+            outs[i].append(first_tensor(out).detach())
+            if mod is stop_after:
+                raise StopForward
+        handles.append(module.register_forward_hook(hook))
+    try:
+        run_batches(model, data)
+    finally:
+        for h in handles:
+            h.remove()
+    return outs
 
 
 def all_quantizers(model: nn.Module) -> Iterator[UniformQuantizer]:
