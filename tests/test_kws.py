@@ -222,7 +222,9 @@ def test_hydra_configs_instantiate(tiny_data_dir):
     task = instantiate(load("task", "kws_tiny"))
     assert isinstance(task, KeywordSpottingTask) and bundle.name == "ast_tiny" and task.name == "kws_tiny"
     task.prepare(bundle)
-    assert set(task.evaluate(bundle.model)) == {"accuracy", "loss"}
+    metrics = task.evaluate(bundle.model)
+    assert set(metrics) == {"accuracy", "loss", "per_sample"}
+    assert metrics["accuracy"] == pytest.approx(task.metric_from_samples(metrics["per_sample"]))
     assert task.calibration_data(6, seed=0).batches[0][0].shape[0] == 4
     full = load("task", "kws")
     assert full._target_ == "esc.tasks.kws.KeywordSpottingTask" and full.data_dir.endswith("/kws")

@@ -21,8 +21,10 @@ What is generated (all constants are fields of :class:`KWSConfig`):
 * everything is drawn from ``numpy.random.Generator(SeedSequence([seed, split_index]))`` in
   one process, and eSpeak NG is deterministic, so a config gives the same bytes every time.
 
-The data set is cached as ``<data_dir>/kws_<hash>.npz`` (hash of the config), generated on first
-use by :func:`load_kws` or ahead of time by ``python -m esc.data.kws``.
+The data set is cached as a folder ``<data_dir>/kws_<hash>/`` (hash of the config) of ``.npy``
+arrays (``<split>_<field>.npy``) plus ``meta.json``; audio is memory-mapped on load, so a run reads
+only the clips it uses. It is generated on first use by :func:`load_kws` or ahead of time by
+``python -m esc.data.kws``.
 """
 from __future__ import annotations
 
@@ -32,6 +34,9 @@ import hashlib
 import json
 import logging
 import os
+import shutil
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -234,8 +239,8 @@ def generate_split(config: KWSConfig, split: str, voices: list[str], progress: b
 
 
 def cache_path(data_dir: str | Path, config: KWSConfig) -> Path:
-    """Where the data set of ``config`` is cached."""
-    return Path(data_dir) / f"kws_{config.digest()}.npz"
+    """The folder where the data set of ``config`` is cached."""
+    return Path(data_dir) / f"kws_{config.digest()}"
 
 
 def generate_kws(data_dir: str | Path, config: KWSConfig = KWSConfig(), progress: bool = True,
@@ -244,63 +249,58 @@ def generate_kws(data_dir: str | Path, config: KWSConfig = KWSConfig(), progress
 
     eSpeak NG keeps some synthesis state (its pitch-flutter phase) in library statics that
     survive ``espeak_Initialize``, so the exact samples depend on what the process synthesised
-    before. With ``isolate`` (default) the data set is generated in a fresh child process, so a
-    config always gives the same bytes whatever the caller did earlier.
+    before. With ``isolate`` (default) the data set is generated in a fresh Python process
+    (``python -m esc.data.kws``; a subprocess, so it also works inside daemonic sweep workers),
+    so a config always gives the same bytes whatever the caller did earlier.
     """
-    if isolate:
-        import multiprocessing as mp
-
-        ctx = mp.get_context("spawn")
-        proc = ctx.Process(target=_generate_child, args=(str(data_dir), config, progress))
-        proc.start()
-        proc.join()
-        path = cache_path(data_dir, config)
-        if proc.exitcode != 0 or not path.is_file():
-            raise RuntimeError(f"kws data generation failed in its child process (exit code {proc.exitcode}); "
-                               f"run `python -m esc.data.kws --data-dir {data_dir}` to see the error")
-        return path
     path = cache_path(data_dir, config)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if isolate:
+        cmd = [sys.executable, "-m", "esc.data.kws", "--data-dir", str(data_dir),
+               "--config-json", json.dumps(dataclasses.asdict(config))] + ([] if progress else ["--no-progress"])
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if proc.returncode != 0 or not path.is_dir():
+            raise RuntimeError(f"kws data generation failed (exit code {proc.returncode}) in `{' '.join(cmd[:4])} ...`:\n"
+                               f"{proc.stdout[-2000:]}")
+        return path
     start = time.perf_counter()
     voices = split_voices(config)
-    arrays = {}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     for split in SPLITS:
         s = generate_split(config, split, voices[split], progress)
-        arrays.update({f"{split}_waveforms": s.pcm, f"{split}_labels": s.labels,
-                       f"{split}_voice_ids": s.voice_ids, f"{split}_voices": np.array(s.voices)})
+        for name, array in (("waveforms", s.pcm), ("labels", s.labels), ("voice_ids", s.voice_ids)):
+            np.save(tmp / f"{split}_{name}.npy", array)
+        (tmp / f"{split}_voices.json").write_text(json.dumps(list(s.voices)))
         log.info("kws %s: %d clips, %d voices (%d variants), %d words", split, len(s), len(s.voices),
                  len({v.partition('+')[2] or DEFAULT_VARIANT for v in s.voices}), len(config.words))
-    arrays["words"] = np.array(config.words)
-    arrays["config"] = np.array(json.dumps(dataclasses.asdict(config), sort_keys=True))
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
-    log.info("kws data set written to %s (%.1f MB) in %.1f s", path, path.stat().st_size / 1e6, time.perf_counter() - start)
+    (tmp / "meta.json").write_text(json.dumps({"words": list(config.words), "config": dataclasses.asdict(config)}, sort_keys=True))
+    try:
+        os.replace(tmp, path)
+    except OSError:  # another process finished the same data set first
+        shutil.rmtree(tmp, ignore_errors=True)
+    size = sum(f.stat().st_size for f in path.iterdir())
+    log.info("kws data set written to %s (%.1f MB) in %.1f s", path, size / 1e6, time.perf_counter() - start)
     return path
-
-
-def _generate_child(data_dir: str, config: KWSConfig, progress: bool) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    generate_kws(data_dir, config, progress, isolate=False)
 
 
 def load_kws(data_dir: str | Path, config: KWSConfig = KWSConfig(), generate: bool = True,
              progress: bool = True, splits: tuple[str, ...] = SPLITS) -> dict[str, KWSSplit]:
-    """The ``splits`` of ``config`` (int16 audio in memory), generated into ``data_dir`` on first use."""
+    """The ``splits`` of ``config`` (int16 audio memory-mapped), generated into ``data_dir`` on first use."""
     unknown = set(splits) - set(SPLITS)
     if unknown:
         raise ValueError(f"unknown kws splits {sorted(unknown)}; choose among {SPLITS}")
     path = cache_path(data_dir, config)
-    if not path.is_file():
+    if not path.is_dir():
         if not generate:
             raise FileNotFoundError(f"no kws data set at {path}; run `python -m esc.data.kws --data-dir {data_dir}` (make data)")
         log.info("kws data set %s not found; generating it", path)
         generate_kws(data_dir, config, progress)
     try:
-        with np.load(path) as z:
-            words = tuple(str(w) for w in z["words"])
-            out = {s: KWSSplit(z[f"{s}_waveforms"], z[f"{s}_labels"], z[f"{s}_voice_ids"],
-                               [str(v) for v in z[f"{s}_voices"]], words) for s in splits}
+        words = tuple(json.loads((path / "meta.json").read_text())["words"])
+        out = {s: KWSSplit(np.load(path / f"{s}_waveforms.npy", mmap_mode="r"), np.load(path / f"{s}_labels.npy"),
+                           np.load(path / f"{s}_voice_ids.npy"), json.loads((path / f"{s}_voices.json").read_text()), words)
+               for s in splits}
     except Exception as e:
         raise ValueError(f"kws cache {path} is unreadable ({e}); delete it and rerun `python -m esc.data.kws`") from e
     return out
@@ -323,15 +323,21 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--seed", type=int, default=KWSConfig.seed)
     ap.add_argument("--num-voices", type=int, nargs=3, default=KWSConfig.num_voices, metavar=("TRAIN", "VALID", "TEST"))
     ap.add_argument("--clips-per-word", type=int, nargs=3, default=KWSConfig.clips_per_word, metavar=("TRAIN", "VALID", "TEST"))
+    ap.add_argument("--config-json", help="a full KWSConfig as JSON (overrides --seed/--num-voices/--clips-per-word)")
+    ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--force", action="store_true", help="regenerate even if the cache exists")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    config = KWSConfig(seed=args.seed, num_voices=tuple(args.num_voices), clips_per_word=tuple(args.clips_per_word))
+    if args.config_json:
+        config = config_from_kwargs(**json.loads(args.config_json))
+    else:
+        config = KWSConfig(seed=args.seed, num_voices=tuple(args.num_voices), clips_per_word=tuple(args.clips_per_word))
     path = cache_path(args.data_dir, config)
-    if path.is_file() and not args.force:
+    if path.is_dir() and not args.force:
         log.info("kws data set already at %s (use --force to regenerate)", path)
         return
-    generate_kws(args.data_dir, config)
+    shutil.rmtree(path, ignore_errors=True)
+    generate_kws(args.data_dir, config, progress=not args.no_progress, isolate=False)
 
 
 if __name__ == "__main__":

@@ -21,16 +21,13 @@ Each class subclasses an offline task and only changes where the data comes from
   once per clip), divided by the label length (at least 1): the CTC analogue of the Whisper task's
   teacher-forced cross entropy.
 
-The KWS and tagging tasks load their data inside ``prepare`` through a module-level function
-(``esc.tasks.kws.load_kws`` / ``esc.tasks.tagging.load_or_generate``); :func:`data_source` swaps
-that function for the hub loader for the duration of ``prepare`` (single-threaded; restored
-after). A ``load_splits()`` hook on those classes would make this a plain override.
+The KWS and tagging tasks load their data through their ``load_splits()`` hook, which the hub
+variants override.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
-from typing import Any, Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -45,17 +42,6 @@ from esc.tasks.kws import KeywordSpottingTask
 from esc.tasks.tagging import AudioTaggingTask
 
 log = logging.getLogger(__name__)
-
-
-@contextlib.contextmanager
-def data_source(module: Any, attr: str, loader: Callable):
-    """Temporarily replace ``module.attr`` (an offline task's data loader) by ``loader``."""
-    old = getattr(module, attr)
-    setattr(module, attr, loader)
-    try:
-        yield
-    finally:
-        setattr(module, attr, old)
 
 
 # ------------------------------------------------------------------------------ KWS
@@ -90,14 +76,6 @@ class HubKeywordSpottingTask(KeywordSpottingTask):
         """``{"train", "test"}`` :class:`esc.data.kws.KWSSplit` from :func:`esc.data.hub.load_speech_commands`."""
         return {"test": hubdata.load_speech_commands(split=self.test_split, max_samples=self.hub_max_test, **self.source),
                 "train": hubdata.load_speech_commands(split=self.train_split, max_samples=self.train_max_samples, **self.source)}
-
-    def prepare(self, bundle: ModelBundle) -> None:
-        """Load the hub splits, then the offline task's ``prepare`` (label mapping by name, feature cache)."""
-        import esc.tasks.kws as kws_module
-
-        splits = self.load_splits()
-        with data_source(kws_module, "load_kws", lambda *a, **k: splits):
-            super().prepare(bundle)
 
 
 # ------------------------------------------------------------------------------ tagging
@@ -137,14 +115,6 @@ class HubTaggingTask(AudioTaggingTask):
         """``{"test", "calibration"}`` :class:`esc.data.tagging.TaggingSet` from :func:`esc.data.hub.load_esc50`."""
         return {"test": hubdata.load_esc50(folds=self.test_folds, max_samples=self.hub_max_test, **self.source),
                 "calibration": hubdata.load_esc50(folds=self.calibration_folds, max_samples=self.hub_calibration, **self.source)}
-
-    def prepare(self, bundle: ModelBundle) -> None:
-        """Load the ESC-50 folds, then the offline task's ``prepare`` (features, FP32 reference scores)."""
-        import esc.tasks.tagging as tagging_module
-
-        splits = self.load_splits()
-        with data_source(tagging_module, "load_or_generate", lambda spec, data_dir, split: splits[split]):
-            super().prepare(bundle)
 
 
 # ------------------------------------------------------------------------------ ASR

@@ -97,14 +97,17 @@ class KeywordSpottingTask(Task):
         index = np.array([names.index(w) for w in split.words], dtype=np.int64)
         return torch.from_numpy(index[split.labels])
 
+    def load_splits(self) -> dict[str, KWSSplit]:
+        """The ``train`` (calibration pool) and ``test`` splits; subclasses override it to change the data source."""
+        return load_kws(self.data_dir, self.data_config, generate=self.generate, progress=self.progress, splits=("train", "test"))
+
     def prepare(self, bundle: ModelBundle) -> None:
         """Load (or synthesise) the data and cache the test features of ``bundle``'s front end."""
         if bundle.sample_rate != self.data_config.sample_rate:
             raise ValueError(f"model {bundle.name!r} expects {bundle.sample_rate} Hz but the kws data is "
                              f"{self.data_config.sample_rate} Hz; set the task's sample_rate to match")
         self.bundle = bundle
-        splits = load_kws(self.data_dir, self.data_config, generate=self.generate, progress=self.progress,
-                          splits=("train", "test"))
+        splits = self.load_splits()
         self.train, test = splits["train"], splits["test"]
         self.train_labels = self._model_labels(self.train)
         idx = np.arange(len(test))
@@ -123,22 +126,32 @@ class KeywordSpottingTask(Task):
             raise RuntimeError("KeywordSpottingTask.prepare(bundle) must be called before evaluate/calibration_data")
 
     # ----------------------------------------------------------------------------- evaluate
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
-        """Top-1 accuracy (%) and mean cross-entropy of ``model`` on the (subset of the) test split."""
+    def evaluate(self, model: nn.Module) -> dict:
+        """Top-1 accuracy (%) and mean cross-entropy of ``model`` on the (subset of the) test split.
+
+        ``per_sample``: ``correct`` (bool per test clip) and ``prediction`` (class index).
+        """
         self._check_prepared()
         was_training = model.training
         model.eval()
-        correct, loss_sum = 0, 0.0
+        predictions, losses = [], []
         with torch.no_grad():
             for start in range(0, len(self.test_labels), self.eval_batch_size):
                 x = self.test_features[start:start + self.eval_batch_size]
                 y = self.test_labels[start:start + self.eval_batch_size]
                 logits = model(x).float()
-                loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-                correct += int((logits.argmax(-1) == y).sum())
+                losses.append(F.cross_entropy(logits, y, reduction="none"))
+                predictions.append(logits.argmax(-1))
         model.train(was_training)
-        n = len(self.test_labels)
-        return {"accuracy": 100.0 * correct / n, "loss": loss_sum / n}
+        prediction = torch.cat(predictions)
+        correct = (prediction == self.test_labels).numpy()
+        return {"accuracy": self.metric_from_samples({"correct": correct}), "loss": float(torch.cat(losses).mean()),
+                "per_sample": {"correct": correct, "prediction": prediction.numpy()}}
+
+    @staticmethod
+    def metric_from_samples(samples: dict) -> float:
+        """Accuracy (%) from per-clip ``correct`` flags."""
+        return 100.0 * float(np.mean(samples["correct"]))
 
     # ---------------------------------------------------------------------- calibration
     def calibration_data(self, num_samples: int, seed: int) -> CalibrationData:

@@ -149,6 +149,11 @@ class AudioTaggingTask(Task):
         return out
 
     # ------------------------------------------------------------------------------ interface
+    def load_splits(self) -> dict:
+        """The ``test`` and ``calibration`` sets; subclasses override it to change the data source."""
+        return {"test": load_or_generate(self.test_spec, self.data_dir, "test"),
+                "calibration": load_or_generate(self.calib_spec, self.data_dir, "calibration")}
+
     def prepare(self, bundle: ModelBundle) -> None:
         """Synthesise/load both splits, cache their front-end features and the FP32 model's clip scores."""
         if bundle.sample_rate != self.test_spec.sample_rate:
@@ -160,8 +165,8 @@ class AudioTaggingTask(Task):
             raise ValueError(f"model {bundle.name} has no output for {missing}; its labels must contain every task "
                              f"class (drop them from task.classes or use a model with AudioSet labels)")
         self.class_index = [labels.index(c) for c in self.classes]
-        test = load_or_generate(self.test_spec, self.data_dir, "test")
-        calib = load_or_generate(self.calib_spec, self.data_dir, "calibration")
+        splits = self.load_splits()
+        test, calib = splits["test"], splits["calibration"]
         self.test_labels, self.calib_labels = test.labels.astype(np.float32), calib.labels.astype(np.float32)
         self.test_features = self._features(bundle.frontend, test.waves)
         self.calib_features = self._features(bundle.frontend, calib.waves)
