@@ -380,3 +380,24 @@ def test_hydra_configs_instantiate(name):
     assert method.name == name
     if name in ("adaround", "brecq"):
         assert method.seed == 3
+
+
+@pytest.mark.parametrize("calibrator", ["percentile", "entropy", "mse"])
+def test_after_methods_compose_with_other_calibrators(calibrator):
+    """Each "after" method runs on top of any calibrator (and MSE-calibrated, clipped weights) and keeps its scales."""
+    from esc.calibrators import EntropyCalibrator, MSECalibrator, PercentileCalibrator
+
+    cal = {"percentile": lambda: PercentileCalibrator(num_bins=128), "entropy": lambda: EntropyCalibrator(num_bins=128, start_bin=16),
+           "mse": MSECalibrator}[calibrator]()
+    model = TinyConvTransformer().eval()
+    data = make_data(8, 4, mean=1.0)
+    qmodel = quantize_model(model, W4, QuantSpec(4))
+    qmodel.calibrate_weights("mse")
+    cal.calibrate(qmodel, data)
+    scales = qmodel.activation_scales().clone()
+    for method in (BiasCorrection(), AdaRound(iterations=10, batch_size=4), BRECQ(iterations=10, batch_size=4)):
+        method.apply(qmodel, data)
+        torch.testing.assert_close(qmodel.activation_scales(), scales, rtol=0, atol=0)
+        with torch.no_grad():
+            assert all(torch.isfinite(qmodel(b)).all() for b in data.batches)
+    assert all(on_grid(layer) for layer in quantized_layers(qmodel).values())
