@@ -401,3 +401,41 @@ def test_after_methods_compose_with_other_calibrators(calibrator):
         with torch.no_grad():
             assert all(torch.isfinite(qmodel(b)).all() for b in data.batches)
     assert all(on_grid(layer) for layer in quantized_layers(qmodel).values())
+
+
+class KwargLayer(nn.Module):
+    """A Hugging Face-style block: keyword mask argument, tuple output."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 16)
+
+    def forward(self, x, attention_mask=None, output_attentions=False):
+        h = self.fc2(torch.relu(self.fc1(x))) * attention_mask.unsqueeze(-1)
+        return (x + h, None)
+
+
+class KwargModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layer = KwargLayer()
+
+    def forward(self, batch):
+        return self.layer(batch["x"], attention_mask=batch["mask"], output_attentions=False)[0]
+
+
+def test_brecq_block_with_keyword_arguments_and_tuple_output():
+    g = torch.Generator().manual_seed(9)
+    batches = [{"x": torch.randn(8, 6, 16, generator=g), "mask": (torch.rand(8, 6, generator=g) > 0.3).float()} for _ in range(2)]
+    data = CalibrationData(batches, model_forward)
+    model = KwargModel().eval()
+    qmodel = quantize_model(model, W4, A8)
+    max_calibrate(qmodel, data)
+    with torch.no_grad():
+        rtn = sum(float((qmodel(b) - model(b)).pow(2).mean()) for b in batches)
+    method = BRECQ(iterations=100, batch_size=8)
+    method.apply(qmodel, data)
+    assert list(method.stats) == ["model.layer"]
+    with torch.no_grad():
+        assert sum(float((qmodel(b) - model(b)).pow(2).mean()) for b in batches) < rtn
