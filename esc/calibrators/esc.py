@@ -263,8 +263,8 @@ class ESCCalibrator(Calibrator):
 
     ESC needs symmetric per-tensor activation quantizers (a scale per quantizer, zero point 0).
     After ``calibrate``, ``timings`` holds wall seconds: ``local`` (local step), ``fitness`` (all
-    fitness evaluations), ``search_overhead`` (everything else: FP reference pass, CMA-ES,
-    bookkeeping) and ``total``.
+    fitness evaluations), ``forward`` (the model forwards inside them), ``search_overhead``
+    (everything else: FP reference pass, CMA-ES, bookkeeping) and ``total``.
     """
 
     name = "esc"
@@ -362,7 +362,7 @@ class ESCCalibrator(Calibrator):
             final_scales, final_fit = self._scales(s_local, final_theta), search_fit
         qmodel.set_activation_scales(final_scales)
         seconds = time.perf_counter() - start
-        self.timings = dict(local=t_local, fitness=evaluator.seconds, total=seconds,
+        self.timings = dict(local=t_local, fitness=evaluator.seconds, forward=evaluator.forward_seconds, total=seconds,
                             search_overhead=seconds - t_local - evaluator.seconds)
         passes = 2 + (1 if evaluator.reference is not None else 0) + evaluator.evaluations
         history.update(local_fitness=[local_fit], search_fitness=[search_fit], final_fitness=[final_fit],

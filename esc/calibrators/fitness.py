@@ -82,6 +82,7 @@ class FitnessEvaluator:
         evaluations: candidates evaluated so far (each one is a full pass over the calibration set).
         forward_calls: model forward calls made so far (including the reference pass).
         seconds: wall time spent in evaluations so far (excluding the reference pass).
+        forward_seconds: the part of ``seconds`` spent inside ``data.forward`` (the bare forwards).
         scale_floor: smallest scale handed to the quantizers (guards against ``0`` scales).
     """
 
@@ -101,6 +102,7 @@ class FitnessEvaluator:
         self.evaluations = 0
         self.forward_calls = 0
         self.seconds = 0.0
+        self.forward_seconds = 0.0
         self._repeated: dict[int, list] = {}
         self.reference: Optional[list[torch.Tensor]] = None
         if kind in ("kl", "mse"):
@@ -153,7 +155,9 @@ class FitnessEvaluator:
         self._set_scales(scales if pop > 1 else scales[0])
         total = torch.zeros(pop, dtype=torch.float64)
         for i, batch in enumerate(self._batches(pop)):
+            t0 = time.perf_counter()
             outputs = self.data.forward(self.qmodel, batch)
+            self.forward_seconds += time.perf_counter() - t0
             total += self.per_sample(outputs, batch, i, pop).double().sum(1)
         self.forward_calls += len(self.data.batches)
         return total
