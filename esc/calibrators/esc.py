@@ -67,18 +67,18 @@ class _LocalErrors:
         """Fold one FP input ``x`` of the quantizer into the error sums (``layer=None``: tensor MSE)."""
         x = x.detach().float()
         g_total = len(self.scales)
-        chunk = max(1, self.max_elements // max(1, x.numel()))
+        chunk = 1  # the first candidate alone tells the output size; then chunks of <= max_elements elements
         start = 0
         while start < g_total:
             n = min(chunk, g_total - start)
-            diff = _candidate_diffs(x, self.scales[start:start + n], self.quantizer.qmin, self.quantizer.qmax)
+            diff = _candidate_diffs(x, self.scales[start:start + n].to(x.device), self.quantizer.qmin, self.quantizer.qmax)
             err = layer(diff) if layer is not None else diff
             if start == 0:
                 per = err[0].numel()
                 self.count += round(per * getattr(layer, "numel_ratio", 1.0))
                 chunk = max(1, self.max_elements // max(1, x.numel(), per))
             # float32 sum of squares per candidate (one pass), accumulated over batches in float64
-            self.sse[start:start + n] += torch.linalg.vector_norm(err.reshape(n, -1), dim=1).double().square()
+            self.sse[start:start + n] += torch.linalg.vector_norm(err.reshape(n, -1), dim=1).double().square().cpu()
             start += n
 
     def best_scale(self) -> torch.Tensor:
@@ -124,7 +124,7 @@ class _LinearError:
 def _input_layer(module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """The bias-free linear map of a Linear/Conv module on ``[G, B, ...]`` input errors (weights as now quantized)."""
     with torch.no_grad():
-        weight = module.quantized_weight().detach()
+        weight = module.quantized_weight().detach().float()
     if isinstance(module, QuantLinear):
         return _LinearError(weight)
 
@@ -181,7 +181,7 @@ def local_mse_scales(qmodel: QuantizedModel, data: CalibrationData, grid: int = 
             check_finite(x, name)
             seen[name] += x.numel()
             if x.numel():
-                maxima[name] = torch.maximum(maxima[name], x.abs().max().float())
+                maxima[name] = torch.maximum(maxima[name], x.abs().max().float().cpu())
         return observe
 
     run({name: max_observer(name) for name in names}, [])

@@ -158,7 +158,7 @@ class FitnessEvaluator:
             t0 = time.perf_counter()
             outputs = self.data.forward(self.qmodel, batch)
             self.forward_seconds += time.perf_counter() - t0
-            total += self.per_sample(outputs, batch, i, pop).double().sum(1)
+            total += self.per_sample(outputs, batch, i, pop).double().sum(1).cpu()
         self.forward_calls += len(self.data.batches)
         return total
 
