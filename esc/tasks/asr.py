@@ -150,6 +150,7 @@ class ASRTask(Task):
         clips: ``{"test": [Clip...], "train": [Clip...]}`` given directly (tests, own data);
             overrides the synthesised splits.
         progress: show tqdm bars.
+        name: task name in result rows (default ``asr``).
     """
 
     name = "asr"
@@ -161,7 +162,10 @@ class ASRTask(Task):
                  rates: Sequence[float] = (0.85, 1.0, 1.15), snr_db: Sequence[Optional[float]] = (None, 30.0, 20.0),
                  espeak_voices: Sequence[str] = DEFAULT_ESPEAK_VOICES, espeak_pitches: Sequence[int] = (35, 50, 65),
                  eval_batch_size: int = 8, calibration_batch_size: int = 8, max_new_tokens: Optional[int] = None,
-                 spelling_map: Optional[str] = None, clips: Optional[dict] = None, progress: bool = True) -> None:
+                 spelling_map: Optional[str] = None, clips: Optional[dict] = None, progress: bool = True,
+                 name: Optional[str] = None) -> None:
+        if name is not None:
+            self.name = name
         self.data_dir = data_dir
         self.voices = list(voices)
         self.num_test, self.num_train = int(num_test), int(num_train)
