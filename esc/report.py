@@ -1,6 +1,6 @@
 """Turn result rows into paper-style tables and plots.
 
-``python -m esc.report --experiment demo`` reads ``experiments/rows/demo/*.json`` and writes to
+``python -m esc.report --study demo`` reads ``experiments/rows/demo/*.json`` and writes to
 ``results/demo/``:
 
 * ``table.csv``: one line per run (task, model, precision, calibrator, ptq, metric, fp32,
@@ -178,16 +178,16 @@ def build_report(rows_dir: Path, out: Path) -> pd.DataFrame:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Command line: ``python -m esc.report --experiment NAME [--rows DIR] [--out DIR]``."""
+    """Command line: ``python -m esc.report --study NAME [--rows DIR] [--out DIR]``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--experiment", default="demo")
-    parser.add_argument("--rows", type=Path, help="rows directory (default experiments/rows/EXPERIMENT)")
-    parser.add_argument("--out", type=Path, help="output directory (default results/EXPERIMENT)")
+    parser.add_argument("--study", default="demo")
+    parser.add_argument("--rows", type=Path, help="rows directory (default experiments/rows/STUDY)")
+    parser.add_argument("--out", type=Path, help="output directory (default results/STUDY)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     root = Path(project_root())
-    build_report(args.rows or root / "experiments" / "rows" / args.experiment, args.out or root / "results" / args.experiment)
-    print((args.out or root / "results" / args.experiment) / "table.md")
+    build_report(args.rows or root / "experiments" / "rows" / args.study, args.out or root / "results" / args.study)
+    print((args.out or root / "results" / args.study) / "table.md")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ Checks, all before anything is downloaded or launched:
 
 If anything is missing it prints exactly what is needed and exits with status 2 (no stack
 trace). Otherwise it runs ``python -m esc.run -m +experiment=paper hydra.launcher.n_jobs=N
-[overrides]`` and then ``python -m esc.report --experiment paper``; its exit status is theirs.
+[overrides]`` and then ``python -m esc.report --study paper``; its exit status is theirs.
 """
 from __future__ import annotations
 
@@ -151,7 +151,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if rc != 0:
         print(f"the sweep exited with status {rc}; rows of finished runs are kept (rerun to resume)", file=sys.stderr)
         return rc
-    report = [sys.executable, "-m", "esc.report", "--experiment", "paper"]
+    report = [sys.executable, "-m", "esc.report", "--study", "paper"]
     print("running:", " ".join(report), flush=True)
     return subprocess.call(report)
 

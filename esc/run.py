@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from esc.config import register_resolvers
@@ -58,13 +58,16 @@ def run_axes(cfg: DictConfig) -> dict[str, Any]:
 
 
 def component_name(node: Any) -> str:
-    """Short name of a configured component: its ``name`` field, else the class of its ``_target_``."""
+    """Short name of a configured component: its ``name`` field, else the ``name`` attribute of its
+    ``_target_`` class (calibrators, PTQ methods), else that class's name in lower case."""
     if not isinstance(node, dict):
         return str(node)
     if "name" in node:
         return str(node["name"])
-    target = node.get("_target_", "none") or "none"
-    return target.rsplit(".", 1)[-1].removesuffix("Calibrator").lower()
+    target = node.get("_target_")
+    if not target:
+        return "none"
+    return str(getattr(get_class(target), "name", None) or target.rsplit(".", 1)[-1].lower())
 
 
 def quant_spec(node: DictConfig | None) -> QuantSpec | None:
@@ -156,7 +159,7 @@ def finish_row(cfg: DictConfig, axes: dict[str, Any], key: str, out: dict[str, A
     save_samples(samples_path, out["fp32_metrics"], out["metrics"])
     fp, q = out["fp32_metrics"][task.metric], out["metrics"][task.metric]
     drop = (fp - q) if task.higher_is_better else (q - fp)
-    return {"key": key, "status": "ok", "experiment": cfg.experiment,
+    return {"key": key, "status": "ok", "study": cfg.study,
             "task": component_name(axes["task"]), "model": component_name(axes["model"]),
             "precision": cfg.precision.name, "calibrator": component_name(axes["calibrator"]),
             "ptq": component_name(axes["ptq"]), "seed": cfg.seed, "calibration_seed": cfg.calibration.seed,
@@ -170,7 +173,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Run one configuration unless its row is already finished; return the row."""
     axes = run_axes(cfg)
     key = run_key(axes)
-    rows_dir = Path(cfg.paths.rows) / cfg.experiment
+    rows_dir = Path(cfg.paths.rows) / cfg.study
     path = row_path(rows_dir, key)
     if is_finished(rows_dir, key):
         log.info("Row %s already finished (%s): skipping", key, path)
@@ -179,7 +182,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     try:
         row = finish_row(cfg, axes, key, execute(cfg, axes), path.with_suffix(".samples.npz"))
     except Exception as exc:  # record the failure, then let the sweep go on
-        row = {"key": key, "status": "error", "experiment": cfg.experiment, "error": f"{type(exc).__name__}: {exc}",
+        row = {"key": key, "status": "error", "study": cfg.study, "error": f"{type(exc).__name__}: {exc}",
                "traceback": traceback.format_exc(), "axes": axes, **provenance()}
         write_json_atomic(path, row)
         log.error("Run %s failed: %s (error row written to %s)", key, row["error"], path)

@@ -26,12 +26,18 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
-@pytest.mark.parametrize("group", GROUPS + ["experiment"])
+@pytest.mark.parametrize("group", GROUPS)
 def test_every_config_composes(group):
     for option in options(group):
-        override = f"+experiment={option}" if group == "experiment" else f"{group}={option}"
-        cfg = compose([override])
-        assert cfg[group if group != "experiment" else "experiment"] is not None
+        cfg = compose([f"{group}={option}"])
+        assert cfg[group] is not None, option
+
+
+def test_every_experiment_composes_and_names_its_study():
+    for option in options("experiment"):
+        cfg = compose([f"+experiment={option}"])
+        assert cfg.study == option
+        assert cfg.hydra.sweeper.params, f"experiment {option} defines no sweep"
 
 
 @pytest.mark.parametrize("group", ["calibrator", "ptq", "task"])

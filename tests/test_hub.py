@@ -355,7 +355,7 @@ def test_paper_grid_composes():
     for pair in pairs:
         c = compose(["+experiment=paper", pair, "precision=w4a4", "calibrator=esc"])
         model, task = c.model._target_, c.task._target_
-        assert c.experiment == "paper" and model.startswith("esc.models.hub.") and task.startswith("esc.tasks.hub.")
+        assert c.study == "paper" and model.startswith("esc.models.hub.") and task.startswith("esc.tasks.hub.")
         expected = {"build_ast_speechcommands": "HubKeywordSpottingTask", "build_ast_audioset": "HubTaggingTask",
                     "build_wav2vec2_ctc": "HubCTCASRTask", "build_conformer_ctc": "HubCTCASRTask",
                     "build_whisper_hub": "HubASRTask"}[model.rsplit(".", 1)[1]]
