@@ -1,0 +1,150 @@
+"""Per-layer sensitivity: the metric drop when only one activation quantizer is on.
+
+``python -m esc.analysis.sensitivity --study demo --precision w4a4 --out results/sensitivity/ast_kws.csv
+[--max-test-clips 500] [hydra overrides ...]``
+
+Definition. The run config is composed as ``python -m esc.run`` would (``esc.config.compose``, the
+Hydra overrides given after the options, plus ``precision=<precision>``); the model and task are
+built and prepared from it. The float model is quantized with **activations only** (``bits``
+bits, symmetric, per tensor; weights stay float, so the drop is the activation quantizer's own;
+``--with-weights`` also quantizes the weights as the precision says, per-channel max). For each
+calibrator row of the study (same model, task, precision and seed; no PTQ method; by default the
+``minmax`` and ``esc`` rows), each activation quantizer ``i`` in turn is the only one enabled,
+with the symmetric clip ``c_i`` = that row's ``clip_hi`` for quantizer ``i`` (``set_clip_range``),
+and the test metric is measured. ``drop = fp32 - metric`` (higher-is-better metrics) or
+``metric - fp32`` (lower-is-better), where ``fp32`` is measured on the same test clips with every
+quantizer off. A line ``quantizer = "ALL"`` has every quantizer on with the row's clips (the
+interaction of all layers, for comparison with the row's own metric).
+
+CSV columns: model, task, precision, bits, calibrator, row_key, index, quantizer, clip_hi,
+metric_name, fp32, metric, drop, loss (the task's mean test loss, when it reports one), test_clips.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+import pandas as pd
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf, open_dict
+
+from esc.config import compose, project_root
+from esc.quant.model import QuantSpec, quantize_model
+from esc.results import read_rows
+from esc.run import component_name, seed_everything
+
+log = logging.getLogger("esc.analysis.sensitivity")
+
+
+def default_rows_dir(study: str) -> Path:
+    """``$ESC_ROWS``, else ``results/<study>/rows``, else ``experiments/rows/<study>`` (first that exists)."""
+    root = Path(project_root())
+    candidates = [Path(os.environ["ESC_ROWS"])] if os.environ.get("ESC_ROWS") else []
+    candidates += [root / "results" / study / "rows", root / "experiments" / "rows" / study]
+    return next((c for c in candidates if c.exists()), candidates[0])
+
+
+def matching_rows(rows: list[dict], model: str, task: str, precision: str, seed: int, calibrators: list[str]) -> dict[str, dict]:
+    """One successful row per calibrator with this model, task, precision and seed, and no PTQ method."""
+    out = {}
+    for r in rows:
+        if (r.get("status") == "ok" and r.get("model") == model and r.get("task") == task and r.get("precision") == precision
+                and r.get("seed") == seed and r.get("ptq", "none") == "none" and r.get("calibrator") in calibrators):
+            out.setdefault(r["calibrator"], r)
+    return out
+
+
+def sensitivity(cfg, rows: dict[str, dict], bits: int, with_weights: bool = False) -> pd.DataFrame:
+    """The per-quantizer metric drops for each row's clip ranges (see the module docstring)."""
+    seed_everything(int(cfg.seed))
+    if cfg.torch_threads:
+        torch.set_num_threads(int(cfg.torch_threads))
+    bundle = instantiate(cfg.model)
+    task = instantiate(cfg.task)
+    task.prepare(bundle)
+    weight = None
+    if with_weights and cfg.precision.weight is not None:
+        weight = QuantSpec(int(cfg.precision.weight.bits), bool(cfg.precision.weight.symmetric), str(cfg.precision.weight.granularity))
+    qmodel = quantize_model(bundle.model, weight=weight, activation=QuantSpec(bits, True, "tensor"), skip=bundle.skip_quantization)
+    if weight is not None:
+        qmodel.calibrate_weights(cfg.calibration.weights)
+    quantizers = qmodel.activation_quantizers
+    qmodel.set_quant_state(activations=False)
+    qmodel.eval()
+    with torch.no_grad():
+        fp = task.evaluate(qmodel)
+    fp_metric = float(fp[task.metric])
+    n_test = len(next(iter(fp["per_sample"].values()))) if fp.get("per_sample") else None
+    sign = 1.0 if task.higher_is_better else -1.0
+    out = []
+    for cal, row in rows.items():
+        clips = {q["name"]: q["clip_hi"] for q in row.get("quantizers", []) if q.get("kind") == "activation"}
+        missing = [n for n in quantizers if n not in clips]
+        if missing:
+            raise SystemExit(f"row {row['key']} ({cal}) has no clip for quantizers {missing[:3]}...: it was made with another "
+                             "model or quantization setting; pass matching overrides")
+        for name, q in quantizers.items():
+            q.set_clip_range(torch.tensor(float(clips[name])))
+        targets = [(i, name) for i, name in enumerate(quantizers)] + [(-1, "ALL")]
+        for i, name in targets:
+            for other, q in quantizers.items():
+                q.enabled = name == "ALL" or other == name
+            with torch.no_grad():
+                result = task.evaluate(qmodel)
+            metric = float(result[task.metric])
+            out.append(dict(model=row["model"], task=row["task"], precision=row["precision"], bits=bits, calibrator=cal,
+                            row_key=row["key"], index=i, quantizer=name, clip_hi=clips.get(name, float("nan")),
+                            metric_name=task.metric, fp32=fp_metric, metric=metric, drop=sign * (fp_metric - metric),
+                            loss=float(result.get("loss", float("nan"))), test_clips=n_test))
+            log.info("%s %-50s %s %.4g (drop %.4g)", cal, name, task.metric, metric, out[-1]["drop"])
+        qmodel.set_quant_state(activations=False)
+    return pd.DataFrame(out)
+
+
+def main(argv: list[str] | None = None) -> pd.DataFrame:
+    """Command line (see the module docstring)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--study", default="demo", help="study whose rows give the clip ranges")
+    parser.add_argument("--precision", default="w4a4", help="precision of the rows to take clips from")
+    parser.add_argument("--rows", type=Path, help="rows folder (default $ESC_ROWS, results/STUDY/rows, experiments/rows/STUDY)")
+    parser.add_argument("--out", type=Path, required=True, help="CSV to write (e.g. results/sensitivity/ast_kws.csv)")
+    parser.add_argument("--calibrators", default="minmax,esc", help="comma-separated calibrators whose rows to use")
+    parser.add_argument("--bits", type=int, help="activation bits (default: the precision's activation bits)")
+    parser.add_argument("--seed", type=int, help="row seed (default: the config's seed)")
+    parser.add_argument("--max-test-clips", type=int, help="evaluate on a fixed subset of this many test clips")
+    parser.add_argument("--with-weights", action="store_true", help="also quantize weights as the precision says")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=ast_tiny task=kws_tiny")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = compose([f"precision={args.precision}", *args.overrides])
+    if args.max_test_clips is not None:
+        if "max_test_clips" not in cfg.task:
+            raise SystemExit(f"task {component_name(OmegaConf.to_container(cfg.task))} has no max_test_clips parameter; "
+                             "drop --max-test-clips")
+        with open_dict(cfg):
+            cfg.task.max_test_clips = args.max_test_clips
+    if cfg.precision.activation is None:
+        raise SystemExit(f"precision {args.precision} quantizes no activations; use e.g. --precision w4a4")
+    bits = args.bits or int(cfg.precision.activation.bits)
+    seed = int(cfg.seed) if args.seed is None else args.seed
+    model = component_name(OmegaConf.to_container(cfg.model, resolve=True))
+    task = component_name(OmegaConf.to_container(cfg.task, resolve=True))
+    rows_dir = args.rows or default_rows_dir(args.study)
+    rows = matching_rows(read_rows([rows_dir]), model, task, args.precision, seed, args.calibrators.split(","))
+    if not rows:
+        raise SystemExit(f"no rows for model {model}, task {task}, precision {args.precision}, seed {seed}, calibrators "
+                         f"{args.calibrators} under {rows_dir}; run them first (python -m esc.run precision={args.precision} "
+                         f"calibrator=minmax study={args.study} ...)")
+    log.info("clip ranges from %s", {c: r["key"] for c, r in rows.items()})
+    df = sensitivity(cfg, rows, bits, args.with_weights)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(args.out, index=False, float_format="%.6g")
+    print(f"wrote {args.out} ({len(df)} lines)")
+    return df
+
+
+if __name__ == "__main__":
+    main()
