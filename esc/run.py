@@ -131,6 +131,9 @@ def execute(cfg: DictConfig, axes: dict[str, Any]) -> dict[str, Any]:
         qmodel.calibrate_weights(cfg.calibration.weights)
     if cfg.precision.activation is not None:
         calibrator = instantiate(cfg.calibrator)
+        if cfg.calibration.monitor_every and hasattr(calibrator, "monitor"):  # ESC: test metric along the search
+            calibrator.monitor_every = int(cfg.calibration.monitor_every)
+            calibrator.monitor = lambda: task.evaluate(qmodel)[task.metric]
         log.info("Calibrating %d activation quantizers with %s on %d samples",
                  len(qmodel.activation_quantizers), type(calibrator).__name__, data.num_samples)
         result = calibrator.calibrate(qmodel, data)

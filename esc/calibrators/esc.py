@@ -254,6 +254,13 @@ class ESCCalibrator(Calibrator):
        ``"best"``: the best sample seen in any generation. **Guard**: if the result's fitness is
        worse than the local start's, the local scales are kept (and a warning is logged).
 
+    ``generations=0`` is the local step alone. ``monitor`` (a callable returning e.g. the test
+    metric of the model as currently set; the runner wires it to the task when
+    ``calibration.monitor_every > 0``) is called on the mean solution at generation 1 and every
+    ``monitor_every`` generations: ``history`` then holds ``monitor_generation``,
+    ``monitor_fitness`` (calibration fitness of the mean) and ``monitor_metric``. Monitoring costs
+    test evaluations; their time is excluded from ``seconds`` (the calibration cost).
+
     ``CalibrationResult.history``: ``best`` and ``mean`` population fitness and ``sigma`` per
     generation (length ``generations``), ``local_fitness``, ``search_fitness`` (fitness of the
     search result before the guard), ``final_fitness`` (of the scales set) and ``kept_local``
@@ -273,7 +280,8 @@ class ESCCalibrator(Calibrator):
                  fitness: str = "task", final: str = "mean", backend: str = "evotorch", separable: bool = False,
                  local_grid: int = 100, local_min_fraction: float = 1e-3, batched: bool = True, seed: int = 0,
                  num_actors: Optional[int | str] = None, max_batch: Optional[int] = None, theta_bound: float = 10.0,
-                 local_max_elements: int = 2**22, progress: bool = True) -> None:
+                 local_max_elements: int = 2**22, progress: bool = True, monitor_every: int = 0,
+                 monitor: Optional[Callable[[], float]] = None) -> None:
         if fitness not in FITNESS_KINDS:
             raise QuantizationError(f"ESC: unknown fitness {fitness!r}; use one of {FITNESS_KINDS}")
         if final not in FINALS:
@@ -291,6 +299,7 @@ class ESCCalibrator(Calibrator):
         self.local_grid, self.local_min_fraction = local_grid, local_min_fraction
         self.batched, self.seed, self.num_actors, self.max_batch = batched, seed, num_actors, max_batch
         self.theta_bound, self.local_max_elements, self.progress = theta_bound, local_max_elements, progress
+        self.monitor_every, self.monitor = int(monitor_every), monitor
         self.timings: dict[str, float] = {}
 
     # ---------------------------------------------------------------------------------- helpers
@@ -336,16 +345,21 @@ class ESCCalibrator(Calibrator):
 
         history: dict[str, list[float]] = {"best": [], "mean": [], "sigma": []}
         best_theta, best_fit = torch.zeros(n), local_fit
+        center, self._monitor_seconds = None, 0.0
         run = self._run_evotorch if self.backend == "evotorch" else self._run_pycma
         try:  # on any error, leave the model with the local scales rather than a population
-            for pop_theta, pop_fit, sigma, center in run(objective, n, popsize):
+            for gen, (pop_theta, pop_fit, sigma, center) in enumerate(run(objective, n, popsize), start=1):
                 history["best"].append(float(pop_fit.min()))
                 history["mean"].append(float(pop_fit.mean()))
                 history["sigma"].append(float(sigma))
                 i = int(torch.argmin(pop_fit))
                 if float(pop_fit[i]) < best_fit:
                     best_theta, best_fit = pop_theta[i].clone(), float(pop_fit[i])
-            if self.final == "mean":
+                if self.monitor is not None and self.monitor_every and (gen % self.monitor_every == 0 or gen == 1):
+                    self._record_monitor(qmodel, evaluator, s_local, center(), gen, history)
+            if center is None:  # generations=0: the local step alone
+                final_theta, search_fit = best_theta, local_fit
+            elif self.final == "mean":
                 final_theta = center()
                 search_fit = float(evaluator(self._scales(s_local, final_theta))[0])
             else:
@@ -361,7 +375,7 @@ class ESCCalibrator(Calibrator):
         else:
             final_scales, final_fit = self._scales(s_local, final_theta), search_fit
         qmodel.set_activation_scales(final_scales)
-        seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - start - self._monitor_seconds
         self.timings = dict(local=t_local, fitness=evaluator.seconds, forward=evaluator.forward_seconds, total=seconds,
                             search_overhead=seconds - t_local - evaluator.seconds)
         passes = 2 + (1 if evaluator.reference is not None else 0) + evaluator.evaluations
@@ -370,6 +384,18 @@ class ESCCalibrator(Calibrator):
         log.info("ESC: fitness %.6g -> %.6g in %.1fs (%d candidate evaluations)", local_fit, final_fit, seconds,
                  evaluator.evaluations)
         return CalibrationResult(seconds=seconds, forward_passes=passes, history=history)
+
+    def _record_monitor(self, qmodel: QuantizedModel, evaluator, s_local: torch.Tensor, theta: torch.Tensor,
+                        generation: int, history: dict[str, list[float]]) -> None:
+        """Record the calibration fitness and the ``monitor()`` value (e.g. the test metric) of the current mean."""
+        start = time.perf_counter()
+        scales = self._scales(s_local, theta)
+        fitness = float(evaluator(scales)[0])
+        qmodel.set_activation_scales(scales)
+        history.setdefault("monitor_generation", []).append(float(generation))
+        history.setdefault("monitor_fitness", []).append(fitness)
+        history.setdefault("monitor_metric", []).append(float(self.monitor()))
+        self._monitor_seconds += time.perf_counter() - start
 
     # --------------------------------------------------------------------------------- backends
     def _bar(self):

@@ -1,0 +1,43 @@
+"""ESC search options: the local step alone (generations=0) and monitoring the search mean."""
+from __future__ import annotations
+
+import torch
+
+from esc.calibrators.esc import ESCCalibrator, local_mse_scales
+from esc.quant.model import QuantSpec, quantize_model
+
+from models import TinyTransformer, classification_data
+
+W4A4 = dict(weight=QuantSpec(4, True, "channel"), activation=QuantSpec(4, True, "tensor"))
+
+
+def _setup():
+    torch.manual_seed(0)
+    model = TinyTransformer().eval()
+    data = classification_data(model, torch.randn(16, 8, 10, generator=torch.Generator().manual_seed(1)), batch_size=8)
+    return model, data
+
+
+def test_zero_generations_is_the_local_step_alone():
+    model, data = _setup()
+    qmodel = quantize_model(model, **W4A4)
+    result = ESCCalibrator(generations=0, progress=False).calibrate(qmodel, data)
+    expected, _ = local_mse_scales(quantize_model(model, **W4A4), data)
+    assert torch.allclose(qmodel.activation_scales(), expected)
+    assert result.history["best"] == [] and result.history["final_fitness"] == result.history["local_fitness"]
+
+
+def test_monitor_records_the_search_mean_without_changing_the_result():
+    model, data = _setup()
+    plain = quantize_model(model, **W4A4)
+    ESCCalibrator(generations=6, progress=False, seed=3).calibrate(plain, data)
+    calls = []
+    monitored = quantize_model(model, **W4A4)
+    esc = ESCCalibrator(generations=6, progress=False, seed=3, monitor_every=3)
+    esc.monitor = lambda: calls.append(monitored.activation_scales().clone()) or float(len(calls))
+    history = esc.calibrate(monitored, data).history
+    assert history["monitor_generation"] == [1.0, 3.0, 6.0]
+    assert history["monitor_metric"] == [1.0, 2.0, 3.0]
+    assert all(s.dim() == 1 for s in calls)  # the monitor sees one scale vector (the mean), not a population
+    assert len(history["monitor_fitness"]) == 3
+    assert torch.allclose(plain.activation_scales(), monitored.activation_scales())
