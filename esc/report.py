@@ -11,7 +11,9 @@
 * ``esc_fitness.png``: ESC's best and mean fitness per generation (when ESC rows exist);
 * ``pairs.csv`` / ``pairs.md``: for every pair of calibrators (same model, task, precision, PTQ
   method and seed, hence the same test clips) the metric difference with a 95% paired bootstrap
-  interval; ``n.s.`` marks intervals that contain zero, so nobody reads noise as a result.
+  interval; ``n.s.`` marks intervals that contain zero, so nobody reads noise as a result;
+* ``rows/``: a copy of the raw rows and per-sample results (what notebooks and later reports read
+  when ``experiments/`` is absent, e.g. on a fresh clone).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import argparse
 import importlib
 import itertools
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -160,12 +163,24 @@ def write_pairs(pairs: pd.DataFrame, out: Path) -> None:
     (out / "pairs.md").write_text("\n".join(lines) + "\n")
 
 
+def archive_rows(rows_dir: Path, out: Path) -> None:
+    """Copy the rows (and their per-sample files) to ``out/rows`` so committed results carry their raw data."""
+    dest = out / "rows"
+    if dest.resolve() == Path(rows_dir).resolve():
+        return
+    dest.mkdir(parents=True, exist_ok=True)
+    for path in Path(rows_dir).iterdir():
+        if path.suffix in (".json", ".npz") and not path.name.startswith("."):
+            shutil.copy2(path, dest / path.name)
+
+
 def build_report(rows_dir: Path, out: Path) -> pd.DataFrame:
-    """Read rows from ``rows_dir`` and write tables and plots to ``out``."""
+    """Read rows from ``rows_dir`` and write tables and plots (and a copy of the rows) to ``out``."""
     rows = read_rows([rows_dir])
     if not rows:
         raise SystemExit(f"no result rows under {rows_dir}; run a sweep first (e.g. `make demo`)")
     out.mkdir(parents=True, exist_ok=True)
+    archive_rows(rows_dir, out)
     df = rows_frame(rows)
     if df.empty:
         raise SystemExit(f"all {len(rows)} runs under {rows_dir} failed; see their 'error' fields")
@@ -181,13 +196,17 @@ def main(argv: list[str] | None = None) -> None:
     """Command line: ``python -m esc.report --study NAME [--rows DIR] [--out DIR]``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--study", default="demo")
-    parser.add_argument("--rows", type=Path, help="rows directory (default experiments/rows/STUDY)")
+    parser.add_argument("--rows", type=Path, help="rows directory (default experiments/rows/STUDY, else the committed results/STUDY/rows)")
     parser.add_argument("--out", type=Path, help="output directory (default results/STUDY)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     root = Path(project_root())
-    build_report(args.rows or root / "experiments" / "rows" / args.study, args.out or root / "results" / args.study)
-    print((args.out or root / "results" / args.study) / "table.md")
+    out = args.out or root / "results" / args.study
+    rows = args.rows or root / "experiments" / "rows" / args.study
+    if args.rows is None and not rows.is_dir():
+        rows = out / "rows"
+    build_report(rows, out)
+    print(out / "table.md")
 
 
 if __name__ == "__main__":
