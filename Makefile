@@ -41,6 +41,10 @@ reproduce: export HF_HUB_OFFLINE := 0
 reproduce: setup  ## the paper's grid (needs the hub models and data sets: internet)
 	$(PY) -m esc.reproduce --jobs $(JOBS)
 
+ptq: demo-models  ## PTQ methods x calibrators on the KWS AST -> results/ptq/
+	$(PY) -m esc.run -m +experiment=ptq hydra.launcher.n_jobs=$(JOBS)
+	$(PY) -m esc.report --study ptq
+
 report: setup  ## rebuild tables and plots from rows: make report STUDY=demo
 	$(PY) -m esc.report --study $(or $(STUDY),demo)
 
@@ -52,6 +56,9 @@ test-slow: setup  ## only the slow checks
 
 bench: setup  ## ESC speed benchmark (prints a table, writes benchmarks/RESULTS.md)
 	$(PY) benchmarks/bench_esc.py
+
+notebooks: setup  ## execute the analysis notebooks (notebooks/*.py) on the committed results/ rows -> results/figures/
+	$(PY) -m esc.analysis.notebooks
 
 clean-results:  ## delete raw rows and caches (keeps committed results/)
 	rm -rf experiments/rows experiments/cache experiments/multirun experiments/runs

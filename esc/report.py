@@ -71,13 +71,44 @@ def paper_table(df: pd.DataFrame) -> pd.DataFrame:
     return table.reset_index().fillna("-")
 
 
-def write_tables(df: pd.DataFrame, out: Path) -> None:
-    """Write ``table.csv`` (one line per run) and ``table.md`` (paper shape)."""
-    df.to_csv(out / "table.csv", index=False, float_format="%.6g")
-    table = paper_table(df)
-    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
+def markdown(table: pd.DataFrame) -> str:
+    """A DataFrame as a GitHub markdown table."""
+    lines = ["| " + " | ".join(map(str, table.columns)) + " |", "|" + "---|" * len(table.columns)]
     lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in table.itertuples(index=False)]
-    (out / "table.md").write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
+
+
+def write_tables(df: pd.DataFrame, out: Path) -> None:
+    """Write ``table.csv`` (one line per run), ``table.md`` (paper shape) and, with PTQ rows, ``ptq_table.md``."""
+    df.to_csv(out / "table.csv", index=False, float_format="%.6g")
+    (out / "table.md").write_text(markdown(paper_table(df)))
+    table = ptq_table(df)
+    if table is not None:
+        (out / "ptq_table.md").write_text("PTQ methods on top of each calibrator (in brackets: change vs calibration alone)\n\n"
+                                          + markdown(table))
+
+
+def ptq_table(df: pd.DataFrame) -> pd.DataFrame | None:
+    """Rows model x precision x calibrator, columns PTQ methods, cells ``metric (±change vs calibration alone)``.
+
+    ``None`` when the rows hold no PTQ method besides ``none``.
+    """
+    q = df[df["precision"] != "fp32"]
+    if set(q["ptq"]) <= {"none"}:
+        return None
+    mean = q.groupby(["model", "task", "metric", "precision", "calibrator", "ptq"])["quantized"].mean().unstack("ptq")
+    base = mean["none"] if "none" in mean.columns else None
+    cells = mean.copy().astype(object)
+    for col in mean.columns:
+        for idx, value in mean[col].items():
+            if pd.isna(value):
+                cells.loc[idx, col] = "-"
+            elif base is None or col == "none" or pd.isna(base[idx]):
+                cells.loc[idx, col] = f"{value:.2f}"
+            else:
+                cells.loc[idx, col] = f"{value:.2f} ({value - base[idx]:+.2f})"
+    order = ["none"] + sorted(c for c in cells.columns if c != "none")
+    return cells[[c for c in order if c in cells.columns]].reset_index()
 
 
 def plot_metric(df: pd.DataFrame, out: Path) -> None:
