@@ -16,12 +16,12 @@
 #
 # ESC rows store `history.best` and `history.mean` (the best and mean fitness of each CMA-ES
 # generation's population on the calibration clips), `local_fitness` (the local-step start) and
-# `final_fitness` (of the scales set). When a row's history also has `monitor` entries (generation
-# -> test metric of the search mean at that generation), the second figure puts the task metric
-# next to the calibration fitness: with ~100 calibration clips the search can fit those clips
-# and lose on the test set. Accepted `monitor` shapes: `{generation: value}`, a list of
-# `[generation, value]` pairs, a list of `{"generation": g, <metric>: value}` dicts, or a list
-# with one value per generation.
+# `final_fitness` (of the scales set). Rows from runs with `calibration.monitor_every=N > 0`
+# (the demo sets 10) also hold `monitor_generation`, `monitor_fitness` (calibration fitness of the
+# search mean) and `monitor_metric` (test metric of the search mean) at generation 1 and every N
+# generations; the second figure puts that test metric next to the calibration fitness: with
+# ~100 calibration clips the search can fit those clips and lose on the test set. (Older shapes
+# under `history.monitor` — `{generation: value}`, `[[generation, value], ...]` — are read too.)
 #
 # Rows: `$ESC_ROWS` (default `results/<study>/rows`, study `$ESC_STUDY`, default `demo`);
 # figures: `$ESC_FIGURES` (default `results/figures`).
@@ -53,28 +53,21 @@ def label(r: dict) -> str:
     return f"{r['model']} {r['precision']}{extra} s{r.get('seed', 0)} ({fit})"
 
 
-def monitor_series(r: dict) -> tuple[np.ndarray, np.ndarray] | None:
-    """``(generations, test metric)`` from a row's ``history.monitor`` (None when absent or empty)."""
-    mon = r.get("history", {}).get("monitor")
+def monitor_series(r: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
+    """``(generations, test metric, calibration fitness of the mean or None)`` of a row's monitor (None if absent)."""
+    h = r.get("history", {})
+    if h.get("monitor_generation") and h.get("monitor_metric"):
+        fit = np.asarray(h["monitor_fitness"], dtype=float) if h.get("monitor_fitness") else None
+        return np.asarray(h["monitor_generation"], dtype=float), np.asarray(h["monitor_metric"], dtype=float), fit
+    mon = h.get("monitor")
     if not mon:
         return None
-    pairs = []
     if isinstance(mon, dict):
         pairs = [(int(k), float(v)) for k, v in mon.items()]
-    elif isinstance(mon, list):
-        for i, item in enumerate(mon):
-            if isinstance(item, dict):
-                g = item.get("generation", i)
-                v = item.get(r.get("metric"), next((x for k, x in item.items() if k != "generation"), None))
-                pairs.append((int(g), float(v)))
-            elif isinstance(item, (list, tuple)) and len(item) == 2:
-                pairs.append((int(item[0]), float(item[1])))
-            else:
-                pairs.append((i, float(item)))
-    if not pairs:
-        return None
+    else:
+        pairs = [(int(item[0]), float(item[1])) if isinstance(item, (list, tuple)) else (i, float(item)) for i, item in enumerate(mon)]
     pairs.sort()
-    return np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
+    return np.array([p[0] for p in pairs], dtype=float), np.array([p[1] for p in pairs]), None
 
 
 # %%
@@ -119,18 +112,20 @@ if esc_rows:
 monitored = [(r, monitor_series(r)) for r in esc_rows]
 monitored = [(r, m) for r, m in monitored if m is not None]
 if esc_rows and not monitored:
-    note("no ESC row has `history.monitor` (generation -> test metric of the search mean): the overfitting view "
-         "needs rows from a run that records it")
+    note("no ESC row has a monitor (test metric of the search mean along the search): the overfitting view needs "
+         "rows from a run with calibration.monitor_every > 0")
 if monitored:
     fig, axes = plt.subplots(len(monitored), 1, figsize=(8, 3.6 * len(monitored)), squeeze=False)
-    for ax, (r, (g_mon, v_mon)) in zip(axes[:, 0], monitored):
+    for ax, (r, (g_mon, v_mon, f_mon)) in zip(axes[:, 0], monitored):
         h = r["history"]
         gens = np.arange(1, len(h["best"]) + 1)
         ax.plot(gens, h["best"], color="C0", lw=1.2, label="best fitness (calibration)")
         ax.plot(gens, h["mean"], color="C0", ls=":", lw=1, label="population mean fitness (calibration)")
+        if f_mon is not None:
+            ax.plot(g_mon, f_mon, color="C0", marker="s", ms=3, lw=1.5, label="fitness of the search mean (calibration)")
         if h.get("local_fitness"):
             ax.plot([0], h["local_fitness"], "o", color="C0")
-        if min(h["best"] + h["mean"]) > 0:
+        if min(h["best"] + h["mean"] + (list(f_mon) if f_mon is not None else [])) > 0:
             ax.set_yscale("log")
         ax.set_ylabel("fitness (lower is better)", color="C0")
         ax.set_xlabel("generation")
@@ -138,9 +133,9 @@ if monitored:
         ax2.plot(g_mon, v_mon, color="C3", marker="o", ms=3, label=f"test {r['metric']} of the search mean")
         ax2.axhline(r["fp32"], color="C3", ls="--", lw=0.8, label=f"FP32 {r['fp32']:.3g}")
         ax2.set_ylabel(f"test {r['metric']}", color="C3")
-        best_g = g_mon[np.argmax(v_mon) if r.get("higher_is_better", True) else np.argmin(v_mon)]
+        best_g = int(g_mon[np.argmax(v_mon) if r.get("higher_is_better", True) else np.argmin(v_mon)])
         ax2.axvline(best_g, color="C3", ls=":", lw=0.8)
-        ax.set_title(f"{label(r)}: best test {r['metric']} at generation {best_g}, last at {g_mon[-1]}")
+        ax.set_title(f"{label(r)}: best test {r['metric']} at generation {best_g}, last at {int(g_mon[-1])}")
         lines = ax.get_legend_handles_labels()
         lines2 = ax2.get_legend_handles_labels()
         ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=7, loc="best")
@@ -149,8 +144,9 @@ if monitored:
     plt.close(fig)
 
 # %% [markdown]
-# **Reading (when drawn).** Blue: fitness on the calibration clips (as above); red: the test
-# metric of the search mean, measured at the generations the run monitored; the dotted red line
+# **Reading (when drawn).** Blue: fitness on the calibration clips (best and population mean per
+# generation, squares: the search mean at the monitored generations); red: the test metric of
+# that same search mean; the dotted red line
 # marks the generation with the best test metric. If the fitness keeps improving while the test
 # metric peaks early and then declines, the search is fitting the calibration clips (a case for
 # more clips, fewer generations or a distribution-level fitness such as `kl`). It does **not**

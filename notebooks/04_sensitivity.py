@@ -67,9 +67,10 @@ if not df.empty:
         ax.axhline(0, color="k", lw=0.6)
         metric = g["metric_name"].iloc[0]
         n_clips = g["test_clips"].iloc[0]
-        ax.set_ylabel(f"{metric} drop vs FP32 (one quantizer on)")
+        ref = g["reference"].iloc[0] if "reference" in g else "fp32"
+        ax.set_ylabel(f"{metric} drop vs {ref} (one quantizer on)")
         ax.set_title(f"{model} / {task}: {int(g['bits'].iloc[0])}-bit activations, clips from the {precision} rows "
-                     f"({n_clips} test clips, FP32 {g['fp32'].iloc[0]:.3g})", fontsize=9)
+                     f"({n_clips} test clips, {ref} {g['fp32'].iloc[0]:.3g})", fontsize=9)
         step = max(1, len(names) // 60)
         ax.set_xticks(idx[::step])
         ax.set_xticklabels([short_name(n) for n in names[::step]], rotation=90, fontsize=6)

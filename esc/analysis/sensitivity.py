@@ -13,11 +13,12 @@ calibrator row of the study (same model, task, precision and seed; no PTQ method
 with the symmetric clip ``c_i`` = that row's ``clip_hi`` for quantizer ``i`` (``set_clip_range``),
 and the test metric is measured. ``drop = fp32 - metric`` (higher-is-better metrics) or
 ``metric - fp32`` (lower-is-better), where ``fp32`` is measured on the same test clips with every
-quantizer off. A line ``quantizer = "ALL"`` has every quantizer on with the row's clips (the
-interaction of all layers, for comparison with the row's own metric).
+activation quantizer off (with ``--with-weights`` that reference has the weights quantized: column
+``reference`` says ``weights-only`` instead of ``fp32``). A line ``quantizer = "ALL"`` has every
+quantizer on with the row's clips (the interaction of all layers, for comparison with the row's own metric).
 
 CSV columns: model, task, precision, bits, calibrator, row_key, index, quantizer, clip_hi,
-metric_name, fp32, metric, drop, loss (the task's mean test loss, when it reports one), test_clips.
+metric_name, reference, fp32, metric, drop, loss (the task's mean test loss, when it reports one), test_clips.
 """
 from __future__ import annotations
 
@@ -97,7 +98,8 @@ def sensitivity(cfg, rows: dict[str, dict], bits: int, with_weights: bool = Fals
             metric = float(result[task.metric])
             out.append(dict(model=row["model"], task=row["task"], precision=row["precision"], bits=bits, calibrator=cal,
                             row_key=row["key"], index=i, quantizer=name, clip_hi=clips.get(name, float("nan")),
-                            metric_name=task.metric, fp32=fp_metric, metric=metric, drop=sign * (fp_metric - metric),
+                            metric_name=task.metric, reference="fp32" if weight is None else "weights-only",
+                            fp32=fp_metric, metric=metric, drop=sign * (fp_metric - metric),
                             loss=float(result.get("loss", float("nan"))), test_clips=n_test))
             log.info("%s %-50s %s %.4g (drop %.4g)", cal, name, task.metric, metric, out[-1]["drop"])
         qmodel.set_quant_state(activations=False)
