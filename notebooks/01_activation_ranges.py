@@ -120,14 +120,17 @@ for model, task, precision, names, tables, observed in figures:
 
 # %% [markdown]
 # **Reading.** The top panel shows, per activation quantizer in forward order, how wide the
-# activations are (grey: the largest |x| on the calibration clips) and which clip each calibrator
-# picked; the middle panel shows that clip as a fraction of the observed maximum; the bottom panel
-# shows the fraction of the `2^b - 1` integer levels that the calibration activations actually
-# occupy with that clip. A max calibrator clips at the observed maximum, so one outlier stretches
-# the grid and a typical value lands on very few levels (low utilisation); calibrators that clip
-# lower trade saturation of rare outliers for finer resolution of the bulk. What this figure does
-# **not** show: whether a lower clip helps the task (a layer may need its outliers — see
+# activations are (grey: the largest |x| on the calibration clips, which is the minmax clip) and
+# which clip each calibrator picked; the middle panel shows that clip as a fraction of the
+# observed maximum (how much of the tail each calibrator saturates); the bottom panel shows the
+# fraction of the `2^b - 1` integer levels that at least one calibration value lands on with that
+# clip. Two things to keep in mind when reading the bottom panel: a non-negative tensor (softmax
+# probabilities feeding `attn.av.a`, post-GELU inputs) can only reach about half the levels of the
+# symmetric signed grid used here, whatever the clip; and "used" means hit at least once, so at 4
+# bits a few values spread over the range already mark most levels used — utilisation near 1
+# does not mean the bulk of the distribution is finely resolved. What the figure does **not**
+# show: whether a lower clip helps the task (a layer may need its outliers — see
 # `02_where_it_breaks` and `04_sensitivity`), utilisation on test data (it is measured on the
-# calibration clips), or any spread over seeds (one row per calibrator, the lowest seed).
-# Tick labels are shortened names (`.in` = a layer's input quantizer, `.out` = a LayerNorm output);
-# the full names are printed with the row summaries above.
+# calibration clips), or any spread over seeds (one row per calibrator, the lowest seed). Tick
+# labels are shortened names (`.in` = a layer's input quantizer, `.out` = a LayerNorm output);
+# the index -> full name list is printed above.

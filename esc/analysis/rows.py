@@ -2,8 +2,9 @@
 
 Notebooks never rerun a sweep: they read the rows of a study from ``$ESC_ROWS`` (default
 ``results/<study>/rows``, where curated rows are committed) and write PNG figures to
-``$ESC_FIGURES`` (default ``results/figures``). ``$ESC_ROWS`` is read recursively, so it may point
-at one study's rows or at a folder of studies (rows carry their ``study``).
+``$ESC_FIGURES`` (default ``results/figures``). Without ``$ESC_ROWS`` and without committed rows, the
+raw rows of a local sweep (``experiments/rows/<study>``) are read instead. ``$ESC_ROWS`` is read
+recursively, so it may point at one study's rows or at a folder of studies (rows carry their ``study``).
 """
 from __future__ import annotations
 
@@ -22,9 +23,13 @@ ROOT = Path(project_root())
 
 
 def rows_dir(study: str) -> Path:
-    """The rows folder to read: ``$ESC_ROWS`` if set, else ``results/<study>/rows``."""
+    """The rows folder to read: ``$ESC_ROWS`` if set, else ``results/<study>/rows`` (committed rows), else
+    ``experiments/rows/<study>`` (raw rows of a sweep not yet archived) when only that exists."""
     env = os.environ.get("ESC_ROWS")
-    return Path(env) if env else ROOT / "results" / study / "rows"
+    if env:
+        return Path(env)
+    committed, raw = ROOT / "results" / study / "rows", ROOT / "experiments" / "rows" / study
+    return raw if raw.exists() and not committed.exists() else committed
 
 
 def figures_dir() -> Path:
