@@ -48,11 +48,11 @@ figures = []
 if not quantized:
     note("no rows with quantized activations (and per-quantizer summaries): nothing to plot")
 else:
-    low = min(activation_bits(r) for r in quantized)
-    low_rows = [r for r in quantized if activation_bits(r) == low]
-    print(f"lowest activation bit width present: {low} bits ({len(low_rows)} rows)")
-    for (model, task), _ in pd.DataFrame([(r["model"], r["task"]) for r in low_rows]).groupby([0, 1]):
-        mine = [r for r in low_rows if r["model"] == model and r["task"] == task]
+    for model, task in sorted({(r["model"], r["task"]) for r in quantized}):
+        mine = [r for r in quantized if r["model"] == model and r["task"] == task]
+        low = min(activation_bits(r) for r in mine)  # the lowest activation bit width present for this model
+        mine = [r for r in mine if activation_bits(r) == low]
+        print(f"{model} / {task}: lowest activation bit width present: {low} bits ({len(mine)} rows)")
         # the precision at that activation width with the most calibrators (W4A4 over A4 on ties: lower weight bits first)
         by_prec = pd.Series([r["precision"] for r in mine]).value_counts()
         precision = sorted(by_prec.index, key=lambda p: (-by_prec[p], p))[0]
