@@ -389,8 +389,10 @@ class ESCCalibrator(Calibrator):
                         generation: int, history: dict[str, list[float]]) -> None:
         """Record the calibration fitness and the ``monitor()`` value (e.g. the test metric) of the current mean."""
         start = time.perf_counter()
+        counters = evaluator.evaluations, evaluator.seconds, evaluator.forward_seconds
         scales = self._scales(s_local, theta)
         fitness = float(evaluator(scales)[0])
+        evaluator.evaluations, evaluator.seconds, evaluator.forward_seconds = counters  # monitoring is not calibration cost
         qmodel.set_activation_scales(scales)
         history.setdefault("monitor_generation", []).append(float(generation))
         history.setdefault("monitor_fitness", []).append(fitness)
