@@ -26,6 +26,7 @@ from hydra.types import RunMode
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from esc.calibrators.base import use_unsigned_for_nonnegative
 from esc.config import register_resolvers
 from esc.quant.model import QuantSpec, quantize_model
 from esc.results import is_finished, provenance, read_row, row_path, run_key, write_json_atomic
@@ -130,6 +131,9 @@ def execute(cfg: DictConfig, axes: dict[str, Any]) -> dict[str, Any]:
     if cfg.precision.weight is not None:
         qmodel.calibrate_weights(cfg.calibration.weights)
     if cfg.precision.activation is not None:
+        if cfg.precision.activation.get("unsigned_nonnegative", False):
+            unsigned = use_unsigned_for_nonnegative(qmodel, data)
+            log.info("%d non-negative activations get an unsigned grid: %s", len(unsigned), ", ".join(unsigned))
         calibrator = instantiate(cfg.calibrator)
         if cfg.calibration.monitor_every and hasattr(calibrator, "monitor"):  # ESC: test metric along the search
             calibrator.monitor_every = int(cfg.calibration.monitor_every)

@@ -148,3 +148,31 @@ def observe(qmodel: QuantizedModel, data: CalibrationData, make_observer: Callab
         for name, q in quantizers.items():
             q.observer, q.enabled = None, states[name]
     return observers
+
+
+class _MinObserver(Observer):
+    """Running minimum of a quantizer's input."""
+
+    def __init__(self, quantizer: UniformQuantizer) -> None:
+        super().__init__(quantizer)
+        self.min = float("inf")
+
+    def update(self, x: torch.Tensor) -> None:
+        self.min = min(self.min, float(x.min()))
+
+
+def use_unsigned_for_nonnegative(qmodel: QuantizedModel, data: CalibrationData) -> list[str]:
+    """Give every symmetric activation quantizer whose calibration input is never negative an unsigned grid.
+
+    Softmax probabilities (the ``softmax @ V`` operand) and ReLU outputs are non-negative; a signed
+    grid wastes half its levels on them (at 4 bits: 8 levels instead of 16). One FP pass over the
+    calibration data records each input's minimum; quantizers with minimum >= 0 switch to
+    ``[0, 2^b - 1]`` (zero point 0), before any calibrator runs, so every calibrator sees the same
+    grids. Returns the names of the switched quantizers.
+    """
+    observers = observe(qmodel, data, _MinObserver)
+    switched = [name for name, obs in observers.items()
+                if obs.count and obs.min >= 0 and obs.quantizer.symmetric and obs.quantizer.signed]
+    for name in switched:
+        observers[name].quantizer.set_signed(False)
+    return switched

@@ -154,6 +154,17 @@ class UniformQuantizer(nn.Module):
         self.scale = scale.detach().to(device)
         self.zero_point = zero_point.detach().to(device)
 
+    def set_signed(self, signed: bool) -> None:
+        """Switch between a signed and an unsigned integer grid (clears the scale: recalibrate after).
+
+        A symmetric unsigned grid ``[0, 2^b - 1]`` (zero point 0) doubles the resolution of
+        non-negative tensors such as softmax probabilities, which a signed grid would give only
+        ``2^(b-1)`` levels.
+        """
+        self.signed = bool(signed)
+        self.qmin, self.qmax = integer_range(self.bits, self.signed, self.symmetric)
+        self._assign(torch.empty(0), torch.empty(0))
+
     @property
     def clip_range(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The representable float range ``(lo, hi)`` implied by scale and zero point."""
