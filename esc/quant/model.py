@@ -156,6 +156,10 @@ def quantize_model(model: nn.Module, weight: QuantSpec | None = QuantSpec(8, Tru
             Activation quantizers start uncalibrated: run a calibrator before quantized inference.
         quantize_layernorm / quantize_matmul: include LayerNorm outputs / attention matmul operands.
         skip: module paths (exact names) to leave in float, e.g. a classification head.
+
+    Limitation: ``nn.MultiheadAttention`` runs its projections through functional kernels on the
+    raw parameters, so neither its in/out projections nor its products are quantization points;
+    write attention with ``nn.Linear`` and :class:`~esc.quant.modules.MatMul` (as the models here do).
     """
     model = copy.deepcopy(model)
     skip = set(skip)
