@@ -67,7 +67,7 @@ else:
         tables = {}
         for cal, r in per_cal.items():
             act = [q for q in r["quantizers"] if q["kind"] == "activation"]
-            tables[cal] = pd.DataFrame(act).set_index("name")[["clip_hi", "level_utilisation"]]
+            tables[cal] = pd.DataFrame(act).set_index("name")[["clip_lo", "clip_hi", "level_utilisation"]]
         names = list(next(iter(tables.values())).index)
         if "minmax" in tables:
             observed = tables["minmax"]["clip_hi"].reindex(names)
@@ -109,8 +109,9 @@ for model, task, precision, names, tables, observed in figures:
     fig.tight_layout()
     save_figure(fig, f"01_activation_ranges_{model}_{task}")
     plt.close(fig)
-    summary = pd.DataFrame({cal: [tables[cal]["level_utilisation"].median(), tables[cal]["clip_hi"].median()] for cal in cals},
-                           index=["median level utilisation", "median clip"]).T
+    summary = pd.DataFrame({cal: [tables[cal]["level_utilisation"].median(), tables[cal]["clip_hi"].median(),
+                                  int((tables[cal]["clip_lo"] >= 0).sum())] for cal in cals},
+                           index=["median level utilisation", "median clip", "unsigned grids"]).T
     print(f"{model} / {task} {precision}")
     print(summary.round(3).to_string())
     print("quantizer index -> name:", "; ".join(f"{i}: {n}" for i, n in enumerate(names)))
@@ -125,8 +126,10 @@ for model, task, precision, names, tables, observed in figures:
 # observed maximum (how much of the tail each calibrator saturates); the bottom panel shows the
 # fraction of the `2^b - 1` integer levels that at least one calibration value lands on with that
 # clip. Two things to keep in mind when reading the bottom panel: a non-negative tensor (softmax
-# probabilities feeding `attn.av.a`, post-GELU inputs) can only reach about half the levels of the
-# symmetric signed grid used here, whatever the clip; and "used" means hit at least once, so at 4
+# probabilities feeding `attn.av.a`) can only reach about half the levels of a symmetric signed
+# grid, whatever the clip — rows made with `precision.activation.unsigned_nonnegative` (the
+# default since it was added) give such tensors an unsigned grid instead, recorded as
+# `clip_lo = 0` and counted above as "unsigned grids"; and "used" means hit at least once, so at 4
 # bits a few values spread over the range already mark most levels used — utilisation near 1
 # does not mean the bulk of the distribution is finely resolved. What the figure does **not**
 # show: whether a lower clip helps the task (a layer may need its outliers — see

@@ -10,14 +10,16 @@ bits, symmetric, per tensor; weights stay float, so the drop is the activation q
 ``--with-weights`` also quantizes the weights as the precision says, per-channel max). For each
 calibrator row of the study (same model, task, precision and seed; no PTQ method; by default the
 ``minmax`` and ``esc`` rows), each activation quantizer ``i`` in turn is the only one enabled,
-with the symmetric clip ``c_i`` = that row's ``clip_hi`` for quantizer ``i`` (``set_clip_range``),
+with the symmetric clip ``c_i`` = that row's ``clip_hi`` for quantizer ``i`` (``set_clip_range``) on
+the row's grid (unsigned ``[0, 2^b - 1]`` where the row's ``clip_lo`` is 0, as runs with
+``precision.activation.unsigned_nonnegative`` give non-negative inputs; signed otherwise),
 and the test metric is measured. ``drop = fp32 - metric`` (higher-is-better metrics) or
 ``metric - fp32`` (lower-is-better), where ``fp32`` is measured on the same test clips with every
 activation quantizer off (with ``--with-weights`` that reference has the weights quantized: column
 ``reference`` says ``weights-only`` instead of ``fp32``). A line ``quantizer = "ALL"`` has every
 quantizer on with the row's clips (the interaction of all layers, for comparison with the row's own metric).
 
-CSV columns: model, task, precision, bits, calibrator, row_key, index, quantizer, clip_hi,
+CSV columns: model, task, precision, bits, calibrator, row_key, index, quantizer, clip_hi, signed,
 metric_name, reference, fp32, metric, drop, loss (the task's mean test loss, when it reports one), test_clips.
 """
 from __future__ import annotations
@@ -82,12 +84,18 @@ def sensitivity(cfg, rows: dict[str, dict], bits: int, with_weights: bool = Fals
     sign = 1.0 if task.higher_is_better else -1.0
     out = []
     for cal, row in rows.items():
-        clips = {q["name"]: q["clip_hi"] for q in row.get("quantizers", []) if q.get("kind") == "activation"}
+        acts = {q["name"]: q for q in row.get("quantizers", []) if q.get("kind") == "activation"}
+        clips = {name: q["clip_hi"] for name, q in acts.items()}
         missing = [n for n in quantizers if n not in clips]
         if missing:
             raise SystemExit(f"row {row['key']} ({cal}) has no clip for quantizers {missing[:3]}...: it was made with another "
                              "model or quantization setting; pass matching overrides")
+        signed = {}
         for name, q in quantizers.items():
+            # a row's grid was unsigned (non-negative input, precision.activation.unsigned_nonnegative) iff clip_lo == 0
+            signed[name] = not (acts[name].get("clip_lo", -1.0) >= 0 and clips[name] > 0)
+            if q.signed != signed[name]:
+                q.set_signed(signed[name])
             q.set_clip_range(torch.tensor(float(clips[name])))
         targets = [(i, name) for i, name in enumerate(quantizers)] + [(-1, "ALL")]
         for i, name in targets:
@@ -98,6 +106,7 @@ def sensitivity(cfg, rows: dict[str, dict], bits: int, with_weights: bool = Fals
             metric = float(result[task.metric])
             out.append(dict(model=row["model"], task=row["task"], precision=row["precision"], bits=bits, calibrator=cal,
                             row_key=row["key"], index=i, quantizer=name, clip_hi=clips.get(name, float("nan")),
+                            signed=signed.get(name, True),
                             metric_name=task.metric, reference="fp32" if weight is None else "weights-only",
                             fp32=fp_metric, metric=metric, drop=sign * (fp_metric - metric),
                             loss=float(result.get("loss", float("nan"))), test_clips=n_test))
