@@ -92,7 +92,10 @@ if not df.empty:
 # and every other activation in float), with the clip of the max calibrator (observed range) and
 # of ESC; the legend gives the drop with all quantizers on at once. Tall max bars show the layers
 # whose wide range alone breaks the model at 4 bits; where the ESC bar is much lower, ESC's clip
-# fixed that layer. What it does **not** show: interactions (the all-on drop is usually larger
+# fixed that layer. ESC chooses all scales jointly (its fitness is the whole model's loss), so
+# one ESC clip alone need not beat max — a clip can be set to compensate for another layer — and
+# the sum of ESC's single-layer drops can exceed its all-on drop; compare the all-on drops for
+# the calibrators, the bars for where each one's damage sits. What it does **not** show: interactions (the all-on drop is usually larger
 # than any single bar and need not equal their sum), the effect of 4-bit weights (the rows' clips
 # were calibrated with the row's weight precision but the weights stay float here), or noise:
 # with a test subset of 500 clips one clip is 0.2 accuracy points, so drops (or negative drops,
