@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from hydra.utils import get_class, instantiate
+from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from esc.calibrators.base import use_unsigned_for_nonnegative
@@ -60,7 +60,7 @@ def run_axes(cfg: DictConfig) -> dict[str, Any]:
 
 def component_name(node: Any) -> str:
     """Short name of a configured component: its ``name`` field, else the ``name`` attribute of its
-    ``_target_`` class (calibrators, PTQ methods), else that class's name in lower case."""
+    ``_target_`` (calibrators, PTQ methods), else the target's name in lower case without ``build_``."""
     if not isinstance(node, dict):
         return str(node)
     if "name" in node:
@@ -68,7 +68,7 @@ def component_name(node: Any) -> str:
     target = node.get("_target_")
     if not target:
         return "none"
-    return str(getattr(get_class(target), "name", None) or target.rsplit(".", 1)[-1].lower())
+    return str(getattr(get_object(target), "name", None) or target.rsplit(".", 1)[-1].lower().removeprefix("build_"))
 
 
 def quant_spec(node: DictConfig | None) -> QuantSpec | None:

@@ -128,3 +128,12 @@ def test_failing_job_writes_error_row_and_sweep_goes_on(tmp_path):
     rows = read_rows([tmp_path / "rows" / "tiny"])
     assert len(rows) == 4 and all(r["status"] == "error" for r in rows)
     assert all("make models" in r["error"] for r in rows)
+
+
+def test_component_names_for_classes_and_builder_functions():
+    from esc.run import component_name
+
+    assert component_name({"_target_": "esc.calibrators.mse.MSECalibrator", "p": 2.0}) == "mse"
+    assert component_name({"_target_": "esc.ptq.base.NoPTQ"}) == "none"
+    assert component_name({"_target_": "esc.models.yamnet.build_yamnet"}) == "yamnet"
+    assert component_name({"_target_": "x.y", "name": "given"}) == "given"
