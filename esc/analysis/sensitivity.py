@@ -92,8 +92,8 @@ def sensitivity(cfg, rows: dict[str, dict], bits: int, with_weights: bool = Fals
                              "model or quantization setting; pass matching overrides")
         signed = {}
         for name, q in quantizers.items():
-            # a row's grid was unsigned (non-negative input, precision.activation.unsigned_nonnegative) iff clip_lo == 0
-            signed[name] = not (acts[name].get("clip_lo", -1.0) >= 0 and clips[name] > 0)
+            # the row's grid: its "signed" field; rows written before that field existed: unsigned iff clip_lo == 0
+            signed[name] = acts[name].get("signed", not (acts[name].get("clip_lo", -1.0) >= 0 and clips[name] > 0))
             if q.signed != signed[name]:
                 q.set_signed(signed[name])
             q.set_clip_range(torch.tensor(float(clips[name])))

@@ -130,13 +130,13 @@ class QuantizedModel(nn.Module):
             q.track_levels(False)
 
     def summary(self) -> list[dict]:
-        """One row per quantizer: name, kind, bits, granularity, clip range, level utilisation."""
+        """One row per quantizer: name, kind, bits, signed, granularity, clip range, level utilisation."""
         util = getattr(self, "_utilisation", {})
         rows = []
         for kind, quantizers in (("activation", self.activation_quantizers), ("weight", self.weight_quantizers)):
             for name, q in quantizers.items():
                 lo, hi = q.clip_range if q.is_calibrated else (torch.tensor(float("nan")),) * 2
-                rows.append(dict(name=name, kind=kind, bits=q.bits, granularity=q.granularity,
+                rows.append(dict(name=name, kind=kind, bits=q.bits, signed=q.signed, granularity=q.granularity,
                                  clip_lo=float(lo.min()), clip_hi=float(hi.max()),
                                  level_utilisation=util.get(id(q), float("nan"))))
         return rows
