@@ -35,8 +35,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-import numpy as np
-import pandas as pd
 
 from esc.analysis.rows import axis, calibrator_sort_key, frame, load_rows, mean_std, note, save_figure
 

@@ -1,7 +1,6 @@
 """Tests of the fake-quant core: UniformQuantizer, quantized modules, quantize_model, calibration entry points."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from torch import nn

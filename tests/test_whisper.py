@@ -13,13 +13,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from esc.calibrators.base import CalibrationData, Observer, batch_size, observe, repeat_batch
+from esc.calibrators.base import Observer, batch_size, observe, repeat_batch
 from esc.data.asr import Clip
-from esc.models.ct2 import CT2FormatError, CT2Model, read_ct2, write_ct2
+from esc.models.ct2 import CT2FormatError, read_ct2, write_ct2
 from esc.models.whisper import (WhisperLogMel, build_whisper_tiny_random, char_tokenizer, tiny_ct2_whisper,
                                 whisper_from_ct2)
 from esc.quant.model import QuantSpec, quantize_model
-from esc.tasks.asr import ASRTask, greedy_decode, teacher_forcing_batch, token_cross_entropy
+from esc.tasks.asr import ASRTask, greedy_decode, token_cross_entropy
 
 torch.set_num_threads(1)
 ALIAS = {"decoder/projection/weight": "decoder/embeddings/weight"}

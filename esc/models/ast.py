@@ -18,7 +18,6 @@ Architecture (the paper's KWS model, scaled down so it trains on a CPU):
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -27,12 +26,13 @@ import torch
 import torchaudio
 from torch import nn
 
+from esc.models import checkpoint as checkpoint_io
 from esc.models.base import ModelBundle
+from esc.models.checkpoint import MAKE_TARGET
 from esc.quant.modules import MatMul
 
 log = logging.getLogger(__name__)
 
-MAKE_TARGET = "make models"
 
 
 @dataclass
@@ -208,15 +208,8 @@ def build_ast(cfg: ASTConfig) -> tuple[AST, LogMelFrontend]:
 
 def load_checkpoint(checkpoint: str | Path) -> dict:
     """Read a KWS AST checkpoint; a clear error names ``make models`` if it is missing."""
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise FileNotFoundError(f"KWS AST checkpoint {path} not found; train it with `{MAKE_TARGET}` "
-                                "(python -m esc.models.train_kws), or use model=ast_tiny for a random-weight test model")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    for key in ("state_dict", "config", "labels"):
-        if key not in ckpt:
-            raise ValueError(f"{path} is not a KWS AST checkpoint (no {key!r}); retrain it with `{MAKE_TARGET}`")
-    return ckpt
+    return checkpoint_io.load_checkpoint(checkpoint, "KWS AST checkpoint", ("state_dict", "config", "labels"),
+                                         "esc.models.train_kws", "model=ast_tiny")
 
 
 def build_kws_ast(checkpoint: Optional[str] = None, tiny: bool = False, labels: Optional[Sequence[str]] = None,

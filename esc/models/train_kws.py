@@ -16,9 +16,7 @@ import argparse
 import dataclasses
 import logging
 import math
-import os
 import time
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -28,6 +26,7 @@ from tqdm import tqdm
 
 from esc.data.kws import KWSConfig, load_kws, pcm_to_float
 from esc.models.ast import AST, ASTConfig, FrontendConfig, LogMelFrontend
+from esc.models.checkpoint import save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -145,11 +144,7 @@ def train(args: argparse.Namespace) -> dict:
         "train_seconds": train_seconds,
         "torch_version": torch.__version__,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, out)
+    out = save_checkpoint(ckpt, args.out)
     log.info("checkpoint written to %s (%.2f MB)", out, out.stat().st_size / 1e6)
     return ckpt
 

@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from esc.data.kws import KWSConfig, load_kws, pcm_to_float
 from esc.models.whisper_kws import ClipLogMel, WhisperKWS, whisper_encoder
+from esc.models.checkpoint import save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -154,11 +155,7 @@ def train(args: argparse.Namespace) -> dict:
         "command": " ".join(["python -m esc.models.train_whisper_kws", *args.argv]),
         "torch_version": torch.__version__,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, out)
+    out = save_checkpoint(ckpt, args.out)
     log.info("checkpoint written to %s (%.1f kB)", out, out.stat().st_size / 1e3)
     return ckpt
 

@@ -29,12 +29,13 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from esc.models import checkpoint as checkpoint_io
 from esc.models.base import ModelBundle
+from esc.models.checkpoint import MAKE_TARGET
 from esc.models.whisper import WhisperLogMel, build_whisper, build_whisper_tiny_random
 
 log = logging.getLogger(__name__)
 
-MAKE_TARGET = "make models"
 HOP_LENGTH = 160  # Whisper's mel hop (10 ms at 16 kHz)
 
 
@@ -98,15 +99,8 @@ class WhisperKWS(nn.Module):
 
 def load_head_checkpoint(path: str | Path) -> dict:
     """Read ``whisper_kws_head.pt``; a clear error names ``make models`` if it is missing or malformed."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Whisper-KWS head checkpoint {path} not found; train it with `{MAKE_TARGET}` "
-                                "(python -m esc.models.train_whisper_kws), or use model=whisper_kws_tiny for a random test model")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    for key in ("head", "config", "labels"):
-        if key not in ckpt:
-            raise ValueError(f"{path} is not a Whisper-KWS head checkpoint (no {key!r}); retrain it with `{MAKE_TARGET}`")
-    return ckpt
+    return checkpoint_io.load_checkpoint(path, "Whisper-KWS head checkpoint", ("head", "config", "labels"),
+                                         "esc.models.train_whisper_kws", "model=whisper_kws_tiny")
 
 
 def whisper_encoder(size: str = "base", encoder_frames: int = 100, download: bool = False,

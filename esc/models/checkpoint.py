@@ -1,0 +1,39 @@
+"""Checkpoints trained by the project: atomic save, and load with errors that name the make target."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+MAKE_TARGET = "make models"
+
+
+def save_checkpoint(ckpt: dict, out: str | Path) -> Path:
+    """``torch.save`` to a temporary file then rename, so a killed training never leaves half a checkpoint."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
+    torch.save(ckpt, tmp)
+    os.replace(tmp, out)
+    return out
+
+
+def load_checkpoint(path: str | Path, what: str, required: Sequence[str], trainer: str, alternative: str) -> dict:
+    """Read a checkpoint holding the ``required`` keys; missing or malformed files name ``make models``.
+
+    Args:
+        what: what the checkpoint is, for messages ("KWS AST checkpoint").
+        trainer: the module that trains it (``esc.models.train_kws``).
+        alternative: a config to use instead for a random-weight test model (``model=ast_tiny``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} not found; train it with `{MAKE_TARGET}` (python -m {trainer}), "
+                                f"or use {alternative} for a random-weight test model")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    for key in required:
+        if key not in ckpt:
+            raise ValueError(f"{path} is not a {what} (no {key!r}); retrain it with `{MAKE_TARGET}`")
+    return ckpt
