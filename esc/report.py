@@ -58,8 +58,8 @@ def rows_frame(rows: list[dict]) -> pd.DataFrame:
 
 def _cell(values: pd.Series) -> str:
     if len(values) == 1:
-        return f"{values.iloc[0]:.2f}"
-    return f"{values.mean():.2f} ± {values.std(ddof=1):.2f}"
+        return f"{values.iloc[0]:.4g}"
+    return f"{values.mean():.4g} ± {values.std(ddof=1):.2g}"
 
 
 def paper_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -104,9 +104,9 @@ def ptq_table(df: pd.DataFrame) -> pd.DataFrame | None:
             if pd.isna(value):
                 cells.loc[idx, col] = "-"
             elif base is None or col == "none" or pd.isna(base[idx]):
-                cells.loc[idx, col] = f"{value:.2f}"
+                cells.loc[idx, col] = f"{value:.4g}"
             else:
-                cells.loc[idx, col] = f"{value:.2f} ({value - base[idx]:+.2f})"
+                cells.loc[idx, col] = f"{value:.4g} ({value - base[idx]:+.3g})"
     order = ["none"] + sorted(c for c in cells.columns if c != "none")
     return cells[[c for c in order if c in cells.columns]].reset_index()
 
@@ -190,7 +190,7 @@ def write_pairs(pairs: pd.DataFrame, out: Path) -> None:
     for r in pairs.itertuples(index=False):
         mark = "" if r.significant else " n.s."
         lines.append(f"| {r.model} | {r.task} | {r.precision} | {r.ptq} | {r.seed} | {r.calibrator} − {r.versus} "
-                     f"| {r.diff:+.2f} [{r.lo:+.2f}, {r.hi:+.2f}]{mark} |")
+                     f"| {r.diff:+.3g} [{r.lo:+.3g}, {r.hi:+.3g}]{mark} |")
     (out / "pairs.md").write_text("\n".join(lines) + "\n")
 
 
