@@ -105,6 +105,13 @@ class Observer:
         raise NotImplementedError
 
 
+def require_per_tensor(quantizer: UniformQuantizer, calibrator: str) -> None:
+    """Raise a clear error when ``calibrator`` (per-tensor only) is given a per-channel quantizer."""
+    if quantizer.granularity != "tensor":
+        raise QuantizationError(f"quantizer {quantizer.name!r}: {calibrator} supports per-tensor activation "
+                                "quantizers only; use granularity='tensor' or the minmax calibrator")
+
+
 class StatisticCalibrator(Calibrator):
     """Calibrators that observe FP activations once, then derive each clip range from statistics.
 

@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from esc.calibrators.base import Observer
+from esc.calibrators.base import Observer, require_per_tensor
 from esc.quant.quantizer import QuantizationError, UniformQuantizer
 
 
@@ -42,9 +42,7 @@ class HistogramObserver(Observer):
 
     def __init__(self, quantizer: UniformQuantizer, num_bins: int = 2048, max_bins: Optional[int] = None) -> None:
         super().__init__(quantizer)
-        if quantizer.granularity != "tensor":
-            raise QuantizationError(f"quantizer {quantizer.name!r}: histogram calibrators support per-tensor activation "
-                                    "quantizers only; use granularity='tensor' or the minmax calibrator")
+        require_per_tensor(quantizer, "histogram calibrators")
         if num_bins < 1:
             raise QuantizationError(f"quantizer {quantizer.name!r}: num_bins={num_bins} must be >= 1")
         self.num_bins = int(num_bins)

@@ -30,7 +30,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from esc.calibrators.base import Observer, StatisticCalibrator
+from esc.calibrators.base import Observer, StatisticCalibrator, require_per_tensor
 from esc.quant.quantizer import QuantizationError, UniformQuantizer, fake_quantize
 
 log = logging.getLogger(__name__)
@@ -232,9 +232,7 @@ class MSEObserver(Observer):
 
     def __init__(self, quantizer: UniformQuantizer, max_samples: int, seed: int) -> None:
         super().__init__(quantizer)
-        if quantizer.granularity != "tensor":
-            raise QuantizationError(f"quantizer {quantizer.name!r}: the MSE calibrator supports per-tensor activation "
-                                    "quantizers only; use granularity='tensor' or the minmax calibrator")
+        require_per_tensor(quantizer, "the MSE calibrator")
         if max_samples < 1:
             raise QuantizationError(f"max_samples={max_samples} must be >= 1")
         self.max_samples = int(max_samples)

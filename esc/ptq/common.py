@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -58,14 +58,19 @@ class StopForward(Exception):
     """Raised by a hook to end a forward pass early."""
 
 
-def run_batches(model: nn.Module, data: CalibrationData, limit: Optional[int] = None) -> None:
-    """Run ``data.forward`` over the calibration batches without gradients (``limit``: first few only)."""
-    with torch.no_grad():
-        for batch in data.batches[:limit]:
-            try:
-                data.forward(model, batch)
-            except StopForward:
-                pass
+def run_batches(model: nn.Module, data: CalibrationData, limit: Optional[int] = None, handles: Sequence = ()) -> None:
+    """Run ``data.forward`` over the calibration batches without gradients (``limit``: first few only),
+    then remove the hook ``handles`` (also when a forward raises)."""
+    try:
+        with torch.no_grad():
+            for batch in data.batches[:limit]:
+                try:
+                    data.forward(model, batch)
+                except StopForward:
+                    pass
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def trace_calls(model: nn.Module, data: CalibrationData, modules: dict[str, nn.Module]) -> tuple[list[str], dict[str, int], dict[str, int]]:
@@ -87,11 +92,7 @@ def trace_calls(model: nn.Module, data: CalibrationData, modules: dict[str, nn.M
                 nbytes[name] += t.numel() * t.element_size()
         handles.append(module.register_forward_pre_hook(pre_hook))
         handles.append(module.register_forward_hook(post_hook))
-    try:
-        run_batches(model, data, limit=1)
-    finally:
-        for h in handles:
-            h.remove()
+    run_batches(model, data, limit=1, handles=handles)
     return order, counts, nbytes
 
 
@@ -159,11 +160,7 @@ def capture(model: nn.Module, data: CalibrationData, module: nn.Module, inputs: 
         handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
     if outputs:
         handles.append(module.register_forward_hook(post_hook))
-    try:
-        run_batches(model, data)
-    finally:
-        for h in handles:
-            h.remove()
+    run_batches(model, data, handles=handles)
     return calls, outs
 
 
@@ -179,11 +176,7 @@ def capture_outputs(model: nn.Module, data: CalibrationData, modules: list[nn.Mo
             if mod is stop_after:
                 raise StopForward
         handles.append(module.register_forward_hook(hook))
-    try:
-        run_batches(model, data)
-    finally:
-        for h in handles:
-            h.remove()
+    run_batches(model, data, handles=handles)
     return outs
 
 
