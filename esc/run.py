@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import random
 import time
 import traceback
@@ -28,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from esc.calibrators.base import use_unsigned_for_nonnegative
 from esc.config import register_resolvers
+from esc.models.base import weights_fingerprint
 from esc.quant.model import QuantSpec, quantize_model
 from esc.results import is_finished, provenance, read_row, row_path, run_key, write_json_atomic
 
@@ -76,9 +78,9 @@ def quant_spec(node: DictConfig | None) -> QuantSpec | None:
     return None if node is None else QuantSpec(int(node.bits), bool(node.symmetric), str(node.granularity))
 
 
-def fp32_metrics(cfg: DictConfig, task, bundle) -> dict[str, float]:
-    """FP32 metrics of the model on the task, cached per model/task/seed under ``paths.cache``."""
-    key = run_key({"model": OmegaConf.to_container(cfg.model, resolve=True),
+def fp32_metrics(cfg: DictConfig, task, bundle, weights: str) -> dict[str, float]:
+    """FP32 metrics of the model on the task, cached per model config, ``weights`` fingerprint, task and seed under ``paths.cache``."""
+    key = run_key({"model": OmegaConf.to_container(cfg.model, resolve=True), "weights": weights,
                    "task": OmegaConf.to_container(cfg.task, resolve=True), "seed": cfg.seed})
     path = Path(cfg.paths.cache) / "fp32" / f"{key}.json"
     cached = read_row(path)
@@ -102,6 +104,40 @@ def save_samples(path: Path, fp: dict[str, Any], quantized: dict[str, Any]) -> N
         tmp.replace(path)
 
 
+def calibration_path(cfg: DictConfig, axes: dict[str, Any], ptq_stage: str, weights: str) -> Path:
+    """Cache file of an activation calibration, keyed by everything it depends on: the run axes
+    without an "after" PTQ method, and the float model's ``weights`` fingerprint."""
+    key = run_key({**{k: axes[k] for k in ("model", "task", "precision", "calibrator", "calibration", "seed")},
+                   "ptq": axes["ptq"] if ptq_stage == "before" else "none", "weights": weights})
+    return Path(cfg.paths.cache) / "calibration" / f"{key}.pt"
+
+
+def calibrate_activations(cfg: DictConfig, qmodel, data, task, path: Path) -> dict[str, Any]:
+    """Calibrate ``qmodel``'s activation quantizers, or restore the scales of an identical earlier calibration.
+
+    Runs that differ only in an "after" PTQ method (the PTQ grid) share one calibration, cached
+    at ``path`` (:func:`calibration_path`) with its seconds, forward passes and history.
+    """
+    if path.is_file():
+        cached = torch.load(path, weights_only=False)
+        qmodel.load_activation_state(cached["state"])
+        log.info("Activation scales from an identical earlier calibration (%s; it took %.1f s)", path, cached["result"]["seconds"])
+        return {**cached["result"], "cached": True}
+    calibrator = instantiate(cfg.calibrator)
+    if cfg.calibration.monitor_every and hasattr(calibrator, "monitor"):  # ESC: test metric along the search
+        calibrator.monitor_every = int(cfg.calibration.monitor_every)
+        calibrator.monitor = lambda: task.evaluate(qmodel)[task.metric]
+    log.info("Calibrating %d activation quantizers with %s on %d samples",
+             len(qmodel.activation_quantizers), type(calibrator).__name__, data.num_samples)
+    res = calibrator.calibrate(qmodel, data)
+    result = {"seconds": res.seconds, "forward_passes": res.forward_passes, "history": res.history}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save({"state": qmodel.activation_state(), "result": result}, tmp)
+    tmp.replace(path)
+    return {**result, "cached": False}
+
+
 def execute(cfg: DictConfig, axes: dict[str, Any]) -> dict[str, Any]:
     """Run one configuration and return its result row (without provenance)."""
     seed_everything(cfg.seed)
@@ -111,8 +147,9 @@ def execute(cfg: DictConfig, axes: dict[str, Any]) -> dict[str, Any]:
     bundle = instantiate(cfg.model)
     task = instantiate(cfg.task)
     task.prepare(bundle)
-    fp = fp32_metrics(cfg, task, bundle)
-    row: dict[str, Any] = {"fp32_metrics": fp, "calib_seconds": 0.0, "ptq_seconds": 0.0, "forward_passes": 0,
+    weights = weights_fingerprint(bundle.model)
+    fp = fp32_metrics(cfg, task, bundle, weights)
+    row: dict[str, Any] = {"fp32_metrics": fp, "weights_fingerprint": weights, "calib_seconds": 0.0, "calibration_cached": False, "ptq_seconds": 0.0, "forward_passes": 0,
                            "n_act_quantizers": 0, "n_weight_quantizers": 0, "calib_samples": 0, "history": {}, "quantizers": []}
     if cfg.precision.weight is None and cfg.precision.activation is None:
         return {**row, "metrics": fp, "task_obj": task}
@@ -134,14 +171,10 @@ def execute(cfg: DictConfig, axes: dict[str, Any]) -> dict[str, Any]:
         if cfg.precision.activation.get("unsigned_nonnegative", False):
             unsigned = use_unsigned_for_nonnegative(qmodel, data)
             log.info("%d non-negative activations get an unsigned grid: %s", len(unsigned), ", ".join(unsigned))
-        calibrator = instantiate(cfg.calibrator)
-        if cfg.calibration.monitor_every and hasattr(calibrator, "monitor"):  # ESC: test metric along the search
-            calibrator.monitor_every = int(cfg.calibration.monitor_every)
-            calibrator.monitor = lambda: task.evaluate(qmodel)[task.metric]
-        log.info("Calibrating %d activation quantizers with %s on %d samples",
-                 len(qmodel.activation_quantizers), type(calibrator).__name__, data.num_samples)
-        result = calibrator.calibrate(qmodel, data)
-        row.update(calib_seconds=result.seconds, forward_passes=result.forward_passes, history=result.history)
+        cache = calibration_path(cfg, axes, ptq.stage, weights)
+        result = calibrate_activations(cfg, qmodel, data, task, cache)
+        row.update(calib_seconds=result["seconds"], forward_passes=result["forward_passes"], history=result["history"],
+                   calibration_cached=result["cached"])
     if ptq.stage == "after" and ptq.name != "none":
         log.info("PTQ %s on the calibrated model", ptq.name)
         start = time.perf_counter()

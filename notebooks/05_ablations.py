@@ -21,7 +21,7 @@
 # |---|---|---|
 # | `ablation_calib_size` | `calibration.num_samples` 10, 30, 100, 300 | MSE and ESC at W4A4 |
 # | `ablation_budget` | `calibrator.generations` 0 (local step only), 10, 25, 50, 100, 200 | ESC at W4A4 |
-# | `ablation_popsize` | `calibrator.popsize` 8, 16, default, 32, 64 | ESC at W4A4, 100 generations |
+# | `ablation_popsize` | `calibrator.popsize` 8, 16, default, 32, 64 | ESC at W4A4, 25 generations |
 # | `ablation_fitness` | `calibrator.fitness` task, kl, mse | ESC at W4A4 |
 #
 # Each figure plots the test metric (mean ± std over seeds when there are several) and the

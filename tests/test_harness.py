@@ -137,3 +137,28 @@ def test_component_names_for_classes_and_builder_functions():
     assert component_name({"_target_": "esc.ptq.base.NoPTQ"}) == "none"
     assert component_name({"_target_": "esc.models.yamnet.build_yamnet"}) == "yamnet"
     assert component_name({"_target_": "x.y", "name": "given"}) == "given"
+
+
+def test_after_ptq_runs_share_one_cached_calibration(tmp_path):
+    sweep(tmp_path, "hydra/launcher=basic", "precision=w4a4", "calibrator=mse", "ptq=none,bias_correction")
+    rows = {r["ptq"]: r for r in read_rows([tmp_path / "rows" / "tiny"])}
+    assert set(rows) == {"none", "bias_correction"} and all(r["status"] == "ok" for r in rows.values())
+    first, second = rows["none"], rows["bias_correction"]
+    assert first["calibration_cached"] is False and second["calibration_cached"] is True
+    assert second["calib_seconds"] == first["calib_seconds"] > 0
+    clip = lambda r: {q["name"]: q["clip_hi"] for q in r["quantizers"] if q["kind"] == "activation"}
+    assert clip(second) == clip(first) and len(clip(first)) > 0
+    assert len(list((tmp_path / "cache" / "calibration").glob("*.pt"))) == 1
+
+
+def test_weights_fingerprint_changes_with_any_weight():
+    import torch
+
+    from esc.models.base import weights_fingerprint
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    before = weights_fingerprint(model)
+    assert weights_fingerprint(model) == before
+    with torch.no_grad():
+        model[1].bias[0] += 1e-6
+    assert weights_fingerprint(model) != before

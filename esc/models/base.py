@@ -30,3 +30,16 @@ class ModelBundle:
     labels: Optional[list[str]] = None
     extras: dict = field(default_factory=dict)
     skip_quantization: tuple[str, ...] = ()
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """16-hex-digit hash of every parameter and buffer (names, shapes, values): a retrained or
+    re-fetched checkpoint behind an unchanged config gets a new fingerprint, so caches keyed on it
+    (FP32 metrics, calibrations) are not reused by mistake."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]

@@ -112,6 +112,21 @@ class QuantizedModel(nn.Module):
         for i, q in enumerate(quantizers):
             q.set_scale(scales[..., i])
 
+    def activation_state(self) -> dict[str, dict]:
+        """Everything calibration set on the activation quantizers: per name, grid sign, scale, zero point."""
+        return {name: {"signed": q.signed, "scale": q.scale.detach().cpu().clone(), "zero_point": q.zero_point.detach().cpu().clone()}
+                for name, q in self.activation_quantizers.items()}
+
+    def load_activation_state(self, state: dict[str, dict]) -> None:
+        """Restore :meth:`activation_state` (the quantizer names must match this model's)."""
+        quantizers = self.activation_quantizers
+        if set(state) != set(quantizers):
+            raise ValueError(f"activation state names {len(state)} quantizers, this model has {len(quantizers)}; "
+                             f"missing {sorted(set(quantizers) - set(state))[:3]}, unknown {sorted(set(state) - set(quantizers))[:3]}")
+        for name, q in quantizers.items():
+            q.set_signed(state[name]["signed"])
+            q._assign(state[name]["scale"], state[name]["zero_point"])
+
     # ------------------------------------------------------------------------------- listing
     def measure_level_utilisation(self, batches: Iterable, forward) -> None:
         """Run ``forward(self, batch)`` over ``batches`` counting the integer levels each quantizer hits."""
