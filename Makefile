@@ -7,7 +7,7 @@ export PYTHONHASHSEED := 0
 export WANDB_DIR ?= $(CURDIR)/experiments/wandb
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: help setup data models demo-models demo reproduce report test test-slow bench ptq ablations notebooks clean-results
+.PHONY: help setup data models demo-models demo reproduce report test test-slow bench ptq seeds ablations notebooks clean-results
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -40,6 +40,11 @@ demo: demo-models  ## the offline default: {KWS-AST, YAMNet tagging} x {fp32,w8a
 reproduce: export HF_HUB_OFFLINE := 0
 reproduce: setup  ## the paper's grid (needs the hub models and data sets: internet)
 	$(PY) -m esc.reproduce --jobs $(JOBS)
+
+SEEDS ?= 1,2
+seeds: demo-models  ## the demo's quantized cells again with calibration/ES seeds $(SEEDS): mean ± std in results/demo/
+	$(PY) -m esc.run -m +experiment=demo seed=$(SEEDS) precision=w8a8,w4a4 hydra.launcher.n_jobs=$(JOBS)
+	$(PY) -m esc.report --study demo
 
 ptq: demo-models  ## PTQ methods x calibrators on the KWS AST -> results/ptq/
 	$(PY) -m esc.run -m +experiment=ptq hydra.launcher.n_jobs=$(JOBS)

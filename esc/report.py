@@ -195,14 +195,18 @@ def write_pairs(pairs: pd.DataFrame, out: Path) -> None:
 
 
 def archive_rows(rows_dir: Path, out: Path) -> None:
-    """Copy the rows (and their per-sample files) to ``out/rows`` so committed results carry their raw data."""
+    """Mirror the rows (and their per-sample files) into ``out/rows`` so committed results carry
+    exactly the raw data the tables were built from (rows no longer in ``rows_dir`` are removed)."""
     dest = out / "rows"
     if dest.resolve() == Path(rows_dir).resolve():
         return
     dest.mkdir(parents=True, exist_ok=True)
-    for path in Path(rows_dir).iterdir():
-        if path.suffix in (".json", ".npz") and not path.name.startswith("."):
-            shutil.copy2(path, dest / path.name)
+    keep = {p.name for p in Path(rows_dir).iterdir() if p.suffix in (".json", ".npz") and not p.name.startswith(".")}
+    for name in keep:
+        shutil.copy2(Path(rows_dir) / name, dest / name)
+    for stale in dest.iterdir():
+        if stale.name not in keep and stale.suffix in (".json", ".npz"):
+            stale.unlink()
 
 
 def build_report(rows_dir: Path, out: Path) -> pd.DataFrame:

