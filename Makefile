@@ -50,8 +50,8 @@ ptq: demo-models  ## PTQ methods x calibrators on the KWS AST -> results/ptq/
 	$(PY) -m esc.run -m +experiment=ptq hydra.launcher.n_jobs=$(JOBS)
 	$(PY) -m esc.report --study ptq
 
-ablations: demo-models  ## the ablation sweeps of figure 5 (calibration size, ESC budget, population, fitness) -> results/ablation_*/
-	for a in budget calib_size fitness popsize; do \
+ablations: demo-models  ## the ablation sweeps of figure 5 (calibration size, ESC budget, population, fitness, start) -> results/ablation_*/
+	for a in budget calib_size fitness popsize init; do \
 	  $(PY) -m esc.run -m +experiment=ablation_$$a hydra.launcher.n_jobs=$(JOBS) && $(PY) -m esc.report --study ablation_$$a || exit 1; done
 
 report: setup  ## rebuild tables and plots from rows: make report STUDY=demo

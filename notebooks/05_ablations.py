@@ -12,7 +12,7 @@
 # ---
 
 # %% [markdown]
-# # 05 — Ablations: calibration size, ESC budget, population size, fitness
+# # 05 — Ablations: calibration size, ESC budget, population size, fitness, search start
 #
 # One study per ablation (configs in `conf/experiment/`, run with
 # `python -m esc.run -m +experiment=<name>`, add `seed=0,1,2` for a spread):
@@ -23,6 +23,7 @@
 # | `ablation_budget` | `calibrator.generations` 0 (local step only), 10, 25, 50, 100, 200 | ESC at W4A4 |
 # | `ablation_popsize` | `calibrator.popsize` 8, 16, default, 32, 64 | ESC at W4A4, 25 generations |
 # | `ablation_fitness` | `calibrator.fitness` task, kl, mse | ESC at W4A4 |
+# | `ablation_init` | `calibrator.init` output_mse (local step), tensor_mse (the `mse` calibrator) x generations 0, 100 | ESC at W4A4 |
 #
 # Each figure plots the test metric (mean ± std over seeds when there are several) and the
 # calibration time against the varied parameter. Rows: `$ESC_ROWS` (read recursively and split by
@@ -51,6 +52,7 @@ ABLATIONS = {
     "ablation_budget": ("ESC generations (0 = local step only)", lambda r: axis(r, "calibrator", "generations"), False),
     "ablation_popsize": ("ESC population size (★ = CMA-ES default)", popsize, True),
     "ablation_fitness": ("ESC fitness", lambda r: axis(r, "calibrator", "fitness"), None),
+    "ablation_init": ("ESC start / generations", lambda r: f"{axis(r, 'calibrator', 'init', default='output_mse')} / {axis(r, 'calibrator', 'generations')}", None),
 }
 
 
@@ -117,6 +119,7 @@ print("figures drawn:", [s for s, ok in drawn.items() if ok] or "none")
 # comes from the search at all (0 generations is the local per-layer MSE step alone) and where
 # it saturates. Population size: larger populations at a fixed number of generations cost more
 # forwards; the star marks the CMA-ES default. Fitness: which calibration objective transfers to
-# the test metric. These figures do **not** separate the effect from noise when a single seed
+# the test metric. Start: whether the search or its starting point makes the difference to MSE
+# (generations 0 = the start alone). These figures do **not** separate the effect from noise when a single seed
 # was run (no error bars: use `06_significance` for paired intervals on the same test clips), and
 # each ablation varies one parameter with the others at their defaults (no interactions).

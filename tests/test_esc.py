@@ -176,6 +176,21 @@ def test_esc_not_worse_than_local_start_and_history(transformer_setup):
     assert result.seconds > 0
 
 
+def test_tensor_mse_init_starts_from_the_mse_calibrator(transformer_setup):
+    from esc.calibrators.mse import MSECalibrator
+
+    model, data = transformer_setup
+    reference = quantize_model(model, **W4A4)
+    MSECalibrator().calibrate(reference, data)
+    local_only = quantize_model(model, **W4A4)
+    _esc(generations=0, init="tensor_mse").calibrate(local_only, data)
+    assert torch.equal(local_only.activation_scales(), reference.activation_scales())
+    searched = quantize_model(model, **W4A4)
+    h = _esc(generations=4, init="tensor_mse").calibrate(searched, data).history
+    assert h["final_fitness"][0] <= h["local_fitness"][0]
+    assert not torch.equal(searched.activation_scales(), reference.activation_scales())
+
+
 @pytest.fixture(scope="module")
 def mlp_setup():
     model = TinyMLP().eval()
@@ -260,6 +275,8 @@ def test_bad_configurations_raise(transformer_setup):
         ESCCalibrator(fitness="accuracy")
     with pytest.raises(QuantizationError, match="backend"):
         ESCCalibrator(backend="nevergrad")
+    with pytest.raises(QuantizationError, match="init"):
+        ESCCalibrator(init="percentile")
     no_loss = CalibrationData(data.batches, data.forward)
     with pytest.raises(QuantizationError, match="loss"):
         _esc().calibrate(quantize_model(model, **W4A4), no_loss)

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from esc.calibrators.base import CalibrationData, CalibrationResult, Calibrator
 from esc.calibrators.fitness import FITNESS_KINDS, FitnessEvaluator
+from esc.calibrators.mse import MSECalibrator
 from esc.quant.model import QuantizedModel
 from esc.quant.modules import QuantConv1d, QuantConv2d, QuantLayerNorm, QuantLinear, QuantMatMul
 from esc.quant.quantizer import QuantizationError, UniformQuantizer, check_finite
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("evotorch", "pycma")
 FINALS = ("mean", "best")
+INITS = ("output_mse", "tensor_mse")
 
 
 # ------------------------------------------------------------------------------------ local step
@@ -235,6 +237,8 @@ class ESCCalibrator(Calibrator):
        for MatMul operand quantizers. Grid: ``local_grid`` geometric fractions of the observed
        ``max |x|`` from ``local_min_fraction`` to 1 (clip ``c = f * max|x|``, ``s = c / qmax``).
        Two passes over the calibration set (max, then errors of all candidates batched).
+       ``init="tensor_mse"`` starts instead from the :class:`~esc.calibrators.mse.MSECalibrator`
+       scales (MSE of the quantized activation tensor itself, its default grid), for comparison.
     2. **Global step**: CMA-ES over ``theta`` in ``R^N`` (``N`` = number of activation quantizers)
        with ``scales = s_local * exp(clip(theta, -theta_bound, theta_bound))``, starting at
        ``theta = 0`` with step size ``sigma0``, population ``popsize`` (``None``: CMA-ES default
@@ -281,11 +285,13 @@ class ESCCalibrator(Calibrator):
                  local_grid: int = 100, local_min_fraction: float = 1e-3, batched: bool = True, seed: int = 0,
                  num_actors: Optional[int | str] = None, max_batch: Optional[int] = None, theta_bound: float = 10.0,
                  local_max_elements: int = 2**22, progress: bool = True, monitor_every: int = 0,
-                 monitor: Optional[Callable[[], float]] = None) -> None:
+                 monitor: Optional[Callable[[], float]] = None, init: str = "output_mse") -> None:
         if fitness not in FITNESS_KINDS:
             raise QuantizationError(f"ESC: unknown fitness {fitness!r}; use one of {FITNESS_KINDS}")
         if final not in FINALS:
             raise QuantizationError(f"ESC: unknown final {final!r}; use one of {FINALS}")
+        if init not in INITS:
+            raise QuantizationError(f"ESC: unknown init {init!r}; use one of {INITS}")
         if backend not in BACKENDS:
             raise QuantizationError(f"ESC: unknown backend {backend!r}; use one of {BACKENDS}")
         if generations < 0:
@@ -299,7 +305,7 @@ class ESCCalibrator(Calibrator):
         self.local_grid, self.local_min_fraction = local_grid, local_min_fraction
         self.batched, self.seed, self.num_actors, self.max_batch = batched, seed, num_actors, max_batch
         self.theta_bound, self.local_max_elements, self.progress = theta_bound, local_max_elements, progress
-        self.monitor_every, self.monitor = int(monitor_every), monitor
+        self.monitor_every, self.monitor, self.init = int(monitor_every), monitor, init
         self.timings: dict[str, float] = {}
 
     # ---------------------------------------------------------------------------------- helpers
@@ -317,6 +323,13 @@ class ESCCalibrator(Calibrator):
                 raise QuantizationError(f"ESC: quantizer {name!r} is {'asymmetric' if not q.symmetric else q.granularity}; "
                                         "ESC calibrates symmetric per-tensor activation scales (use QuantSpec(bits, True, 'tensor'))")
 
+    def _local_scales(self, qmodel: QuantizedModel, data: CalibrationData) -> torch.Tensor:
+        """The start of the search: per-layer output-MSE scales, or the tensor-MSE calibrator's (``init``)."""
+        if self.init == "tensor_mse":
+            MSECalibrator().calibrate(qmodel, data)
+            return qmodel.activation_scales().float()
+        return local_mse_scales(qmodel, data, self.local_grid, self.local_min_fraction, self.local_max_elements)[0]
+
     def _scales(self, s_local: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
         if isinstance(theta, torch.Tensor) and type(theta) is not torch.Tensor:
             theta = theta.as_subclass(torch.Tensor)  # evotorch hands over read-only tensor subclasses
@@ -330,7 +343,7 @@ class ESCCalibrator(Calibrator):
             import evotorch.algorithms  # noqa: F401  (first import takes seconds: not part of the timings)
         start = time.perf_counter()
         self._check(qmodel)
-        s_local, _ = local_mse_scales(qmodel, data, self.local_grid, self.local_min_fraction, self.local_max_elements)
+        s_local = self._local_scales(qmodel, data)
         t_local = time.perf_counter() - start
         n = len(s_local)
         popsize = self.popsize or self.default_popsize(n)
