@@ -165,33 +165,41 @@ def metric_function(task_class: str):
     return getattr(importlib.import_module(module), cls).metric_from_samples
 
 
-def pair_table(rows: list[dict], rows_dir: Path, n_boot: int = 1000) -> pd.DataFrame:
-    """Paired bootstrap CI of the metric difference for every calibrator pair on the same test clips."""
+PAIR_AXES = ("model", "task", "precision", "calibrator", "ptq", "seed")
+
+
+def pair_table(rows: list[dict], rows_dir: Path, n_boot: int = 1000, axis: str = "calibrator",
+               baseline: str | None = None) -> pd.DataFrame:
+    """Paired bootstrap CI of the metric difference between rows that differ only in ``axis``
+    (``calibrator``: every calibrator pair; ``ptq`` with ``baseline="none"``: each PTQ method
+    against calibration alone), on the same test clips."""
     ok = [r for r in rows if r.get("status") == "ok" and r.get("precision") != "fp32" and r.get("task_class")]
+    fixed = [a for a in PAIR_AXES if a != axis]
+    order = CALIBRATOR_ORDER if axis == "calibrator" else [baseline] if baseline else []
+    group_key = lambda r: tuple(r[a] for a in fixed)  # noqa: E731
     out = []
-    group_key = lambda r: (r["model"], r["task"], r["precision"], r["ptq"], r["seed"])  # noqa: E731
-    for (model, task, precision, ptq, seed), group in itertools.groupby(sorted(ok, key=group_key), key=group_key):
-        group = sorted(group, key=lambda r: CALIBRATOR_ORDER.index(r["calibrator"]) if r["calibrator"] in CALIBRATOR_ORDER else 99)
+    for values, group in itertools.groupby(sorted(ok, key=group_key), key=group_key):
+        group = sorted(group, key=lambda r: (order.index(r[axis]) if r[axis] in order else len(order), r[axis]))
         samples = {r["key"]: load_samples(rows_dir, r["key"]) for r in group}
         for a, b in itertools.combinations(group, 2):
-            if samples[a["key"]] is None or samples[b["key"]] is None:
+            if samples[a["key"]] is None or samples[b["key"]] is None or (baseline and a[axis] != baseline):
                 continue
-            ci = paired_bootstrap(samples[b["key"]], samples[a["key"]], metric_function(a["task_class"]), n_boot=n_boot, seed=seed)
-            out.append(dict(model=model, task=task, precision=precision, ptq=ptq, seed=seed, metric=a["metric"],
-                            calibrator=b["calibrator"], versus=a["calibrator"], **ci))
-    return pd.DataFrame(out, columns=["model", "task", "precision", "ptq", "seed", "metric", "calibrator", "versus",
-                                      "diff", "lo", "hi", "significant"])
+            ci = paired_bootstrap(samples[b["key"]], samples[a["key"]], metric_function(a["task_class"]), n_boot=n_boot,
+                                  seed=a["seed"])
+            out.append(dict(zip(fixed, values), metric=a["metric"], compared=axis, value=b[axis], versus=a[axis], **ci))
+    return pd.DataFrame(out, columns=[*fixed, "metric", "compared", "value", "versus", "diff", "lo", "hi", "significant"])
 
 
-def write_pairs(pairs: pd.DataFrame, out: Path) -> None:
-    """Write ``pairs.csv`` and ``pairs.md`` (differences with 95% intervals; n.s. when 0 is inside)."""
-    pairs.to_csv(out / "pairs.csv", index=False, float_format="%.6g")
-    lines = ["| model | task | precision | ptq | seed | comparison | difference [95% CI] |", "|---|---|---|---|---|---|---|"]
-    for r in pairs.itertuples(index=False):
-        mark = "" if r.significant else " n.s."
-        lines.append(f"| {r.model} | {r.task} | {r.precision} | {r.ptq} | {r.seed} | {r.calibrator} − {r.versus} "
-                     f"| {r.diff:+.3g} [{r.lo:+.3g}, {r.hi:+.3g}]{mark} |")
-    (out / "pairs.md").write_text("\n".join(lines) + "\n")
+def write_pairs(pairs: pd.DataFrame, out: Path, name: str = "pairs") -> None:
+    """Write ``<name>.csv`` and ``<name>.md`` (differences with 95% intervals; n.s. when 0 is inside)."""
+    pairs.to_csv(out / f"{name}.csv", index=False, float_format="%.6g")
+    fixed = [c for c in pairs.columns[:pairs.columns.get_loc("metric")]]
+    lines = ["| " + " | ".join(fixed) + " | comparison | difference [95% CI] |", "|---" * (len(fixed) + 2) + "|"]
+    for r in pairs.to_dict("records"):
+        mark = "" if r["significant"] else " n.s."
+        lines.append("| " + " | ".join(str(r[c]) for c in fixed) + f" | {r['value']} − {r['versus']} "
+                     f"| {r['diff']:+.3g} [{r['lo']:+.3g}, {r['hi']:+.3g}]{mark} |")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
 def archive_rows(rows_dir: Path, out: Path) -> None:
@@ -223,6 +231,8 @@ def build_report(rows_dir: Path, out: Path) -> pd.DataFrame:
     plot_metric(df, out)
     plot_fitness(rows, out)
     write_pairs(pair_table(rows, rows_dir), out)
+    if df["ptq"].nunique() > 1 and (df["ptq"] == "none").any():
+        write_pairs(pair_table(rows, rows_dir, axis="ptq", baseline="none"), out, "pairs_ptq")
     log.info("wrote %s (%d runs)", out, len(df))
     return df
 

@@ -120,7 +120,7 @@ else:
                         color="C3" if sig and r.diff > 0 else ("C0" if sig else "0.55"), mfc=None if sig else "white")
         ax.axvline(0, color="k", lw=0.8)
         ax.set_yticks(y)
-        ax.set_yticklabels([f"{r.calibrator} − {r.versus}" + (f" (s{r.seed})" if several_seeds else "")
+        ax.set_yticklabels([f"{r.value} − {r.versus}" + (f" (s{r.seed})" if several_seeds else "")
                             + ("" if r.significant else "  n.s.") for r in g.itertuples(index=False)], fontsize=8)
         extra = "" if ptq == "none" else f" + {ptq}"
         ax.set_title(f"{model} / {task} {precision}{extra}: difference in {metric} [95% paired bootstrap CI]", fontsize=9)

@@ -153,6 +153,14 @@ def test_after_ptq_runs_share_one_cached_calibration(tmp_path):
     clip = lambda r: {q["name"]: q["clip_hi"] for q in r["quantizers"] if q["kind"] == "activation"}
     assert clip(second) == clip(first) and len(clip(first)) > 0
     assert len(list((tmp_path / "cache" / "calibration").glob("*.pt"))) == 1
+    build_report(tmp_path / "rows" / "tiny", tmp_path / "report")  # PTQ methods are compared with calibration alone
+    import pandas as pd
+
+    ptq_pairs = pd.read_csv(tmp_path / "report" / "pairs_ptq.csv")
+    assert ptq_pairs[["compared", "value", "versus", "calibrator"]].values.tolist() == [["ptq", "bias_correction", "none", "mse"]]
+    expected = second["quantized"] - first["quantized"]
+    assert ptq_pairs["diff"][0] == pytest.approx(expected) and ptq_pairs["lo"][0] <= expected <= ptq_pairs["hi"][0]
+    assert "bias_correction − none" in (tmp_path / "report" / "pairs_ptq.md").read_text()
 
 
 def test_weights_fingerprint_changes_with_any_weight():
