@@ -159,6 +159,21 @@ def test_adaround_beats_nearest_rounding_and_lands_on_grid():
     assert method.stats["model.0"]["learned"] < method.stats["model.0"]["nearest"]
 
 
+@pytest.mark.parametrize("keep_better", [True, False])
+def test_adaround_keeps_nearest_rounding_when_learning_makes_it_worse(keep_better):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 16)).eval()
+    data = tensor_data(correlated(64, 8, 32, seed=3))
+    qmodel = quantize_model(model, W4, None)
+    nearest_w = qmodel.model[0].quantized_weight().detach().clone()
+    method = AdaRound(iterations=5, lr=20.0, reg_weight=0.0, batch_size=4, keep_better=keep_better)  # a wild step size
+    method.apply(qmodel, data)
+    stats = method.stats["model.0"]
+    assert stats["learned"] > stats["nearest"] and stats["kept_nearest"] is keep_better
+    assert on_grid(qmodel.model[0])
+    assert torch.equal(qmodel.model[0].weight.detach(), nearest_w) is keep_better  # kept: round-to-nearest baked in
+
+
 def test_adaround_with_quantized_inputs_and_conv():
     model = nn.Sequential(nn.Conv1d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv1d(16, 8, 3, padding=1)).eval()
     data = tensor_data(correlated(32, 20, 8, seed=5).transpose(1, 2), batch=8)

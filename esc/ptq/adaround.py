@@ -181,7 +181,9 @@ class AdaRound(PTQMethod):
     regulariser is off for the first ``warmup * iterations`` steps, then ``beta`` decays linearly from
     ``beta_start`` to ``beta_end``. Each step uses ``batch_size`` cached calibration samples. At the
     end the hard rounding ``floor(W/s) + 1[h(V) >= 0.5]`` is written into the weight, and the
-    ordinary weight quantizer is checked to reproduce it exactly.
+    ordinary weight quantizer is checked to reproduce it exactly. ``keep_better=True`` (not in the
+    paper; a guard for short CPU schedules) keeps round-to-nearest for a unit whose learned rounding
+    has a higher reconstruction loss on the calibration cache (and bakes the nearest rounding).
 
     Defaults are for CPU runs on small models: ``iterations=100, lr=1e-2, batch_size=8`` (about 20 CPU
     seconds on one core for the 0.9M-parameter stand-in of ``benchmarks/ptq_timing.py``, 19 layers,
@@ -193,7 +195,7 @@ class AdaRound(PTQMethod):
     recorded inputs (the core's batch-on-dim-0 convention). Float targets of consecutive units are recorded in one float pass while they fit in
     ``target_cache_mb`` (estimated from the first batch); quantized inputs need one pass per unit
     (each pass ends right after the unit when it runs once per forward). ``eval_batch_size`` only
-    sets the chunk size of the before/after loss evaluation. ``stats`` holds, per unit, the reconstruction loss of round-to-nearest and of the learned rounding.
+    sets the chunk size of the before/after loss evaluation. ``stats`` holds, per unit, the reconstruction loss of round-to-nearest and of the learned rounding, and ``kept_nearest``.
     """
 
     name = "adaround"
@@ -201,14 +203,15 @@ class AdaRound(PTQMethod):
 
     def __init__(self, iterations: int = 100, lr: float = 1e-2, reg_weight: float = 0.01, beta_start: float = 20.0,
                  beta_end: float = 2.0, warmup: float = 0.2, batch_size: int = 8, seed: int = 0,
-                 zeta: float = 1.1, gamma: float = -0.1, eval_batch_size: int = 128, target_cache_mb: float = 1024.0) -> None:
+                 zeta: float = 1.1, gamma: float = -0.1, eval_batch_size: int = 128, target_cache_mb: float = 1024.0,
+                 keep_better: bool = True) -> None:
         if iterations < 1 or batch_size < 1 or not 0.0 <= warmup < 1.0:
             raise QuantizationError(f"{type(self).__name__}: need iterations >= 1, batch_size >= 1 and 0 <= warmup < 1 "
                                     f"(got {iterations}, {batch_size}, {warmup})")
         self.iterations, self.lr, self.reg_weight = iterations, lr, reg_weight
         self.beta_start, self.beta_end, self.warmup = beta_start, beta_end, warmup
         self.batch_size, self.seed, self.zeta, self.gamma = batch_size, seed, zeta, gamma
-        self.eval_batch_size, self.target_cache_mb = eval_batch_size, target_cache_mb
+        self.eval_batch_size, self.target_cache_mb, self.keep_better = eval_batch_size, target_cache_mb, keep_better
         self.stats: dict[str, dict[str, float]] = {}
 
     # ----------------------------------------------------------------------------- units
@@ -244,8 +247,9 @@ class AdaRound(PTQMethod):
                         targets = {u.name: o for u, o in zip(chunk, outs)}
                     self.stats[unit.name] = self.reconstruct(qmodel, data, unit, originals, generator,
                                                              calls[unit.name] == 1, targets.pop(unit.name))
-                    log.info("%s %s: reconstruction loss %.4g (nearest) -> %.4g", self.name, unit.name,
-                             self.stats[unit.name]["nearest"], self.stats[unit.name]["learned"])
+                    log.info("%s %s: reconstruction loss %.4g (nearest) -> %.4g%s", self.name, unit.name,
+                             self.stats[unit.name]["nearest"], self.stats[unit.name]["learned"],
+                             " (worse: nearest kept)" if self.stats[unit.name]["kept_nearest"] else "")
         finally:
             qmodel.train(was_training)
 
@@ -272,7 +276,8 @@ class AdaRound(PTQMethod):
                     originals: dict[nn.Module, torch.Tensor], generator: torch.Generator, stop: bool = False,
                     targets: Optional[list[torch.Tensor]] = None) -> dict[str, float]:
         """Learn the rounding of ``unit.layers`` on ``unit.module``'s output, bake it, record the float weights
-        in ``originals``; returns the reconstruction loss of nearest and learned rounding on the whole cache.
+        in ``originals``; returns the reconstruction loss of nearest and learned rounding on the whole cache
+        and whether nearest rounding was kept (``keep_better``).
         ``stop``: the unit runs once per forward, so capture passes may end right after it; ``targets``: the
         unit's float outputs over the calibration set, if already captured."""
         if targets is None:
@@ -301,6 +306,10 @@ class AdaRound(PTQMethod):
                 with torch.no_grad():
                     rounded = [s(layer.weight) for s, layer in zip(softs, unit.layers)]
                 learned = self._cache_loss(unit, cache, channels)
+        kept_nearest = self.keep_better and learned > nearest
+        if kept_nearest:  # bake round-to-nearest instead (what the weight quantizer gives the float weight)
+            with torch.no_grad():
+                rounded = [layer.weight_quantizer(layer.weight) for layer in unit.layers]
         for layer, w in zip(unit.layers, rounded):
             originals.setdefault(layer, layer.weight.detach().clone())
             with torch.no_grad():
@@ -308,7 +317,7 @@ class AdaRound(PTQMethod):
                 if not torch.equal(layer.weight_quantizer(layer.weight), layer.weight):
                     raise QuantizationError(f"{self.name}: the rounded weight of {layer.weight_quantizer.name!r} is not "
                                             "reproduced by its weight quantizer; was its scale changed during reconstruction?")
-        return {"nearest": nearest, "learned": learned}
+        return {"nearest": nearest, "learned": learned, "kept_nearest": kept_nearest}
 
     def _cache_loss(self, unit: Unit, cache: IOCache, channels: int) -> float:
         """Mean reconstruction loss of the unit over the whole cache (weight caches reset first)."""

@@ -48,9 +48,10 @@ class BRECQ(AdaRound):
     def __init__(self, iterations: int = 100, lr: float = 1e-2, reg_weight: float = 0.01, beta_start: float = 20.0,
                  beta_end: float = 2.0, warmup: float = 0.2, batch_size: int = 8, seed: int = 0,
                  zeta: float = 1.1, gamma: float = -0.1, eval_batch_size: int = 128, target_cache_mb: float = 1024.0,
-                 blocks: Optional[Sequence[str]] = None, block_suffixes: Sequence[str] = ("Block", "Layer")) -> None:
+                 blocks: Optional[Sequence[str]] = None, block_suffixes: Sequence[str] = ("Block", "Layer"),
+                 keep_better: bool = True) -> None:
         super().__init__(iterations, lr, reg_weight, beta_start, beta_end, warmup, batch_size, seed, zeta, gamma, eval_batch_size,
-                         target_cache_mb)
+                         target_cache_mb, keep_better)
         self.blocks = list(blocks) if blocks is not None else None
         self.block_suffixes = tuple(block_suffixes)
 
