@@ -20,7 +20,7 @@ from esc.results import read_rows
 
 ROOT = CONF_DIR.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.py"))
-NEW_EXPERIMENTS = ["breaks", "ablation_calib_size", "ablation_budget", "ablation_popsize", "ablation_fitness"]
+NEW_EXPERIMENTS = ["breaks", "ablation_calib_size", "ablation_budget", "ablation_popsize", "ablation_fitness", "ablation_init"]
 
 
 def esc_run(tmp: Path, *args: str, wait: bool = True):
