@@ -166,3 +166,23 @@ def test_analysis_experiments_compose(experiment):
     for key, values in cfg.hydra.sweeper.params.items():  # every swept value composes as a single run
         for value in str(values).split(","):
             compose([f"+experiment={experiment}", f"{key}={value}"])
+
+
+COMMITTED = {
+    "01_activation_ranges.py": ["01_activation_ranges_ast_kws_kws.png", "01_activation_ranges_yamnet_tagging.png"],
+    "02_where_it_breaks.py": ["02_where_it_breaks.png"],
+    "03_esc_search.py": ["03_esc_search.png", "03_esc_overfitting.png"],
+    "04_sensitivity.py": ["04_sensitivity_ast_kws_kws.png"],
+    "05_ablations.py": [f"05_ablation_{a}.png" for a in ("budget", "calib_size", "fitness", "popsize", "init")],
+    "06_significance.py": ["06_seed_spread.png", "06_paired_bootstrap.png"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(COMMITTED))
+def test_notebook_runs_on_the_committed_results(name, tmp_path, monkeypatch):
+    """Every notebook on the committed results/ (default row folders), so none can rot; figures go to a temporary folder."""
+    figures = tmp_path / "figures"
+    text = execute(ROOT / "notebooks" / name, {"ESC_FIGURES": figures, "ESC_BOOT": 50}, monkeypatch)
+    for png in COMMITTED[name]:
+        assert (figures / png).stat().st_size > 1000, (png, text[-2000:])
+    assert "NOTE" not in text, text[-2000:]
