@@ -193,13 +193,11 @@ def pair_table(rows: list[dict], rows_dir: Path, n_boot: int = 1000, axis: str =
 def write_pairs(pairs: pd.DataFrame, out: Path, name: str = "pairs") -> None:
     """Write ``<name>.csv`` and ``<name>.md`` (differences with 95% intervals; n.s. when 0 is inside)."""
     pairs.to_csv(out / f"{name}.csv", index=False, float_format="%.6g")
-    fixed = [c for c in pairs.columns[:pairs.columns.get_loc("metric")]]
-    lines = ["| " + " | ".join(fixed) + " | comparison | difference [95% CI] |", "|---" * (len(fixed) + 2) + "|"]
-    for r in pairs.to_dict("records"):
-        mark = "" if r["significant"] else " n.s."
-        lines.append("| " + " | ".join(str(r[c]) for c in fixed) + f" | {r['value']} − {r['versus']} "
-                     f"| {r['diff']:+.3g} [{r['lo']:+.3g}, {r['hi']:+.3g}]{mark} |")
-    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    table = pairs[list(pairs.columns[:pairs.columns.get_loc("metric")])].copy()
+    table["comparison"] = [f"{r['value']} − {r['versus']}" for r in pairs.to_dict("records")]
+    table["difference [95% CI]"] = [f"{r['diff']:+.3g} [{r['lo']:+.3g}, {r['hi']:+.3g}]" + ("" if r["significant"] else " n.s.")
+                                    for r in pairs.to_dict("records")]
+    (out / f"{name}.md").write_text(markdown(table))
 
 
 def archive_rows(rows_dir: Path, out: Path) -> None:

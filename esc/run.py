@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import random
 import time
 import traceback
@@ -30,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from esc.calibrators.base import use_unsigned_for_nonnegative
 from esc.config import register_resolvers
 from esc.models.base import weights_fingerprint
+from esc.models.checkpoint import save_checkpoint
 from esc.quant.model import QuantSpec, quantize_model
 from esc.results import is_finished, provenance, read_row, row_path, run_key, write_json_atomic
 
@@ -113,16 +113,20 @@ def calibration_path(cfg: DictConfig, axes: dict[str, Any], ptq_stage: str, weig
 
 
 def calibrate_activations(cfg: DictConfig, qmodel, data, task, path: Path) -> dict[str, Any]:
-    """Calibrate ``qmodel``'s activation quantizers, or restore the scales of an identical earlier calibration.
+    """Calibrate ``qmodel``'s activation quantizers (unsigned grids for non-negative inputs first, when
+    the precision asks for them), or restore the grids and scales of an identical earlier calibration.
 
     Runs that differ only in an "after" PTQ method (the PTQ grid) share one calibration, cached
     at ``path`` (:func:`calibration_path`) with its seconds, forward passes and history.
     """
     if path.is_file():
         cached = torch.load(path, weights_only=False)
-        qmodel.load_activation_state(cached["state"])
+        qmodel.load_activation_state(cached["state"])  # grids (signed/unsigned) included
         log.info("Activation scales from an identical earlier calibration (%s; it took %.1f s)", path, cached["result"]["seconds"])
         return {**cached["result"], "cached": True}
+    if cfg.precision.activation.get("unsigned_nonnegative", False):
+        unsigned = use_unsigned_for_nonnegative(qmodel, data)
+        log.info("%d non-negative activations get an unsigned grid: %s", len(unsigned), ", ".join(unsigned))
     calibrator = instantiate(cfg.calibrator)
     if cfg.calibration.monitor_every and hasattr(calibrator, "monitor"):  # ESC: test metric along the search
         calibrator.monitor_every = int(cfg.calibration.monitor_every)
@@ -131,10 +135,7 @@ def calibrate_activations(cfg: DictConfig, qmodel, data, task, path: Path) -> di
              len(qmodel.activation_quantizers), type(calibrator).__name__, data.num_samples)
     res = calibrator.calibrate(qmodel, data)
     result = {"seconds": res.seconds, "forward_passes": res.forward_passes, "history": res.history}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save({"state": qmodel.activation_state(), "result": result}, tmp)
-    tmp.replace(path)
+    save_checkpoint({"state": qmodel.activation_state(), "result": result}, path)
     return {**result, "cached": False}
 
 
@@ -168,9 +169,6 @@ def execute(cfg: DictConfig, axes: dict[str, Any]) -> dict[str, Any]:
     if cfg.precision.weight is not None:
         qmodel.calibrate_weights(cfg.calibration.weights)
     if cfg.precision.activation is not None:
-        if cfg.precision.activation.get("unsigned_nonnegative", False):
-            unsigned = use_unsigned_for_nonnegative(qmodel, data)
-            log.info("%d non-negative activations get an unsigned grid: %s", len(unsigned), ", ".join(unsigned))
         cache = calibration_path(cfg, axes, ptq.stage, weights)
         result = calibrate_activations(cfg, qmodel, data, task, cache)
         row.update(calib_seconds=result["seconds"], forward_passes=result["forward_passes"], history=result["history"],

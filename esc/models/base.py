@@ -1,6 +1,7 @@
 """What a model adapter returns: the network to quantize plus its float front end."""
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -36,8 +37,6 @@ def weights_fingerprint(model: nn.Module) -> str:
     """16-hex-digit hash of every parameter and buffer (names, shapes, values): a retrained or
     re-fetched checkpoint behind an unchanged config gets a new fingerprint, so caches keyed on it
     (FP32 metrics, calibrations) are not reused by mistake."""
-    import hashlib
-
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())

@@ -1,6 +1,8 @@
 """Checkpoints trained by the project: atomic save, and load with errors that name the make target."""
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import os
 from pathlib import Path
 from typing import Sequence
@@ -18,6 +20,14 @@ def save_checkpoint(ckpt: dict, out: str | Path) -> Path:
     torch.save(ckpt, tmp)
     os.replace(tmp, out)
     return out
+
+
+def recipe_provenance(args: argparse.Namespace, data_cfg) -> dict:
+    """What every trained checkpoint records of how it was made: the labels, the data seed and
+    config (a dataclass with ``words``), the recipe (all command-line options but ``argv``) and the torch version."""
+    return {"labels": list(data_cfg.words), "data_seed": args.data_seed, "data_config": dataclasses.asdict(data_cfg),
+            "recipe": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if k != "argv"},
+            "torch_version": torch.__version__}
 
 
 def load_checkpoint(path: str | Path, what: str, required: Sequence[str], trainer: str, alternative: str) -> dict:

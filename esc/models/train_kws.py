@@ -19,7 +19,6 @@ patches reached only 90.4% in 12 epochs.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import math
 import time
@@ -32,7 +31,7 @@ from tqdm import tqdm
 
 from esc.data.kws import KWSConfig, load_kws, pcm_to_float
 from esc.models.ast import AST, ASTConfig, FrontendConfig, LogMelFrontend
-from esc.models.checkpoint import save_checkpoint
+from esc.models.checkpoint import recipe_provenance, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -140,15 +139,11 @@ def train(args: argparse.Namespace) -> dict:
     ckpt = {
         "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
         "config": cfg.to_dict(),
-        "labels": list(data_cfg.words),
-        "data_seed": args.data_seed,
-        "data_config": dataclasses.asdict(data_cfg),
         "test_accuracy": test_acc,
         "valid_accuracy": history[-1]["valid_accuracy"] if history else float("nan"),
         "history": history,
-        "recipe": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
         "train_seconds": train_seconds,
-        "torch_version": torch.__version__,
+        **recipe_provenance(args, data_cfg),
     }
     out = save_checkpoint(ckpt, args.out)
     log.info("checkpoint written to %s (%.2f MB)", out, out.stat().st_size / 1e6)

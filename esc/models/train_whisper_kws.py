@@ -20,7 +20,6 @@ Recipe (every constant is a command-line option; defaults are the committed chec
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import math
 import os
@@ -36,7 +35,7 @@ from tqdm import tqdm
 
 from esc.data.kws import KWSConfig, load_kws, pcm_to_float
 from esc.models.whisper_kws import ClipLogMel, WhisperKWS, whisper_encoder
-from esc.models.checkpoint import save_checkpoint
+from esc.models.checkpoint import recipe_provenance, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -142,18 +141,14 @@ def train(args: argparse.Namespace) -> dict:
         "head": model.head_state_dict(),
         "config": {"size": args.size, "encoder_frames": args.encoder_frames, "head_norm": args.head_norm,
                    "d_model": encoder.config.d_model, "num_classes": len(data_cfg.words), "pooling": "mean"},
-        "labels": list(data_cfg.words),
-        "data_seed": args.data_seed,
-        "data_config": dataclasses.asdict(data_cfg),
         "train_clips": n,
         "test_clips": len(labels["test"]),
         "test_accuracy": test_acc,
         "train_accuracy": train_acc,
         "embed_seconds_per_clip": emb["seconds_per_clip"],
         "train_seconds": train_seconds,
-        "recipe": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if k != "argv"},
         "command": " ".join(["python -m esc.models.train_whisper_kws", *args.argv]),
-        "torch_version": torch.__version__,
+        **recipe_provenance(args, data_cfg),
     }
     out = save_checkpoint(ckpt, args.out)
     log.info("checkpoint written to %s (%.1f kB)", out, out.stat().st_size / 1e3)
