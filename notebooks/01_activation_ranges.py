@@ -23,8 +23,9 @@
 # * the **level utilisation**: the fraction of the integer levels actually hit on the calibration
 #   data (`QuantizedModel.measure_level_utilisation`, stored per quantizer in each row).
 #
-# Rows come from `$ESC_ROWS` (default `results/<study>/rows`, study `$ESC_STUDY`, default `demo`);
-# figures go to `$ESC_FIGURES` (default `results/figures`). Nothing is rerun.
+# Rows come from `$ESC_ROWS` (default `results/<study>/rows`) for each study in `$ESC_STUDY`
+# (comma-separated, default `demo,whisper_asr`; a model/task pair is drawn from the first study that
+# has it); figures go to `$ESC_FIGURES` (default `results/figures`). Nothing is rerun.
 
 # %%
 import os
@@ -38,9 +39,13 @@ import pandas as pd
 
 from esc.analysis.rows import activation_bits, calibrator_sort_key, load_rows, note, save_figure, short_name
 
-STUDY = os.environ.get("ESC_STUDY", "demo")
-rows, folder = load_rows(STUDY)
-print(f"{len(rows)} rows from {folder}")
+STUDIES = os.environ.get("ESC_STUDY", "demo,whisper_asr").split(",")
+rows = []
+for study in STUDIES:
+    found, folder = load_rows(study)
+    seen = {(r["model"], r["task"]) for r in rows}
+    rows += [r for r in found if (r["model"], r["task"]) not in seen]
+    print(f"{len(found)} rows from {folder}")
 
 # %%
 quantized = [r for r in rows if activation_bits(r) is not None and r.get("quantizers")]
@@ -118,6 +123,8 @@ for model, task, precision, names, tables, observed in figures:
     if observed is not None:
         print(f"observed max|x| spans {observed.min():.3g} .. {observed.max():.3g} "
               f"({observed.max() / max(observed.min(), 1e-12):.0f}x) over {len(names)} quantizers")
+        widest = observed.sort_values(ascending=False).head(5)
+        print("widest observed ranges:", "; ".join(f"{n} {v:.3g}" for n, v in widest.items()))
 
 # %% [markdown]
 # **Reading.** The top panel shows, per activation quantizer in forward order, how wide the
