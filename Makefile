@@ -7,7 +7,7 @@ export PYTHONHASHSEED := 0
 export WANDB_DIR ?= $(CURDIR)/experiments/wandb
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: help setup data models demo-models demo reproduce report test test-slow bench ptq seeds ablations notebooks clean-results
+.PHONY: help setup data models demo-models demo reproduce report test test-slow bench ptq seeds ablations whisper notebooks clean-results
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -55,6 +55,14 @@ ptq: demo-models  ## PTQ methods x calibrators on the KWS AST and YAMNet -> resu
 ablations: demo-models  ## the ablation sweeps of figure 5 (calibration size, ESC budget, population, fitness, start) -> results/ablation_*/
 	for a in budget calib_size fitness popsize init; do \
 	  $(PY) -m esc.run -m +experiment=ablation_$$a hydra.launcher.n_jobs=$(JOBS) && $(PY) -m esc.report --study ablation_$$a || exit 1; done
+
+whisper: models  ## the Whisper-base grids (CPU: hours): KWS on its encoder, ASR activation-bit curves, the ESC fitness link -> results/whisper_*/
+	$(PY) -m esc.run -m +experiment=whisper_kws hydra.launcher.n_jobs=$(JOBS)
+	$(PY) -m esc.run -m +experiment=whisper_asr hydra.launcher.n_jobs=$(JOBS)
+	$(PY) -m esc.run -m +experiment=whisper_asr_esc hydra.launcher.n_jobs=$(JOBS)
+	$(PY) -m esc.analysis.fitness_link --out results/fitness_link/whisper_asr_w8a5 --per-sigma 4 \
+	  +experiment=whisper_asr precision=w8a5 calibrator=mse calibration.num_samples=32 task.num_test=60
+	for s in whisper_kws whisper_asr; do $(PY) -m esc.report --study $$s || exit 1; done
 
 report: setup  ## rebuild tables and plots from rows: make report STUDY=demo
 	$(PY) -m esc.report --study $(or $(STUDY),demo)
