@@ -61,3 +61,4 @@ def test_command_writes_csv_and_json(tmp_path):
     saved = json.loads(out.with_suffix(".json").read_text())
     assert saved["spearman_fitness_vs_test_error"].keys() == {"task", "kl", "mse"} == summary["spearman_fitness_vs_test_error"].keys()
     assert saved["precision"] == "w4a4" and saved["metric"] == "accuracy"
+    assert {"rho", "ci_low", "ci_high", "rho_local", "ci_local_low", "ci_local_high"} == set(saved["spearman_fitness_vs_test_error"]["kl"])
