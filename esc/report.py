@@ -9,9 +9,14 @@
   cells = quantized metric (mean ± std over seeds when there are several);
 * ``metric_by_calibrator.png``: the metric per calibrator per precision, one panel per model/task;
 * ``esc_fitness.png``: ESC's best and mean fitness per generation (when ESC rows exist);
-* ``pairs.csv`` / ``pairs.md``: for every pair of calibrators (same model, task, precision, PTQ
-  method and seed, hence the same test clips) the metric difference with a 95% paired bootstrap
-  interval; ``n.s.`` marks intervals that contain zero, so nobody reads noise as a result;
+* ``pairs.csv`` / ``pairs.md``: for every pair of rows that differ only in the calibrator axis
+  (same model, task, precision, PTQ method, calibration set and seed, hence the same test clips) the
+  metric difference with a 95% paired bootstrap interval; ``n.s.`` marks intervals that contain
+  zero, so nobody reads noise as a result;
+
+Rows that share model, task, precision, calibrator, PTQ method and seed but differ in another
+setting (an ablation's ``calibrator.generations``, a smaller ``calibration.num_samples``) are told
+apart by a ``setting`` label naming the differing config values, in every table.
 * ``rows/``: a copy of the raw rows and per-sample results (what notebooks and later reports read
   when ``experiments/`` is absent, e.g. on a fresh clone).
 """
@@ -20,7 +25,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import itertools
+import json
 import logging
+from collections import defaultdict
 import shutil
 from pathlib import Path
 
@@ -38,10 +45,38 @@ from esc.stats import paired_bootstrap  # noqa: E402
 
 log = logging.getLogger("esc.report")
 
-COLUMNS = ["task", "model", "precision", "calibrator", "ptq", "seed", "calibration_seed", "metric", "higher_is_better",
-           "fp32", "quantized", "drop", "rel_drop", "calib_seconds", "ptq_seconds", "forward_passes",
+COLUMNS = ["task", "model", "precision", "calibrator", "ptq", "setting", "seed", "calibration_seed", "metric",
+           "higher_is_better", "fp32", "quantized", "drop", "rel_drop", "calib_seconds", "ptq_seconds", "forward_passes",
            "n_act_quantizers", "calib_samples", "git_commit", "key"]
 CALIBRATOR_ORDER = ["none", "minmax", "percentile", "entropy", "mse", "esc"]
+PAIR_AXES = ("model", "task", "precision", "calibrator", "ptq", "seed")
+
+
+def _flatten(node, prefix: str = "") -> dict[str, str]:
+    """Dotted-key view ``{"calibrator.generations": "10", ...}`` of a nested config axis (values as JSON)."""
+    if isinstance(node, dict):
+        return {k: v for key, value in node.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): json.dumps(node)}
+
+
+def setting_labels(rows: list[dict]) -> dict[str, str]:
+    """Per row key, the config values that set the row apart from the other rows with the same model,
+    task, precision, calibrator, PTQ method and seed (``"calibration.num_samples=32"``); ``""`` when none."""
+    groups = defaultdict(list)
+    for r in rows:
+        groups[tuple(r.get(a) for a in PAIR_AXES)].append(r)
+    labels = {}
+    for group in groups.values():
+        flat = [_flatten(r.get("axes", {})) for r in group]
+        differing = [k for k in sorted(set().union(*flat)) if len({f.get(k) for f in flat}) > 1]
+        for r, f in zip(group, flat):
+            labels[r["key"]] = ", ".join(f"{k}={f.get(k, 'unset')}" for k in differing)
+    return labels
+
+
+def labelled(name: str, setting: str) -> str:
+    """``name`` with its setting label in brackets, when it has one."""
+    return f"{name} ({setting})" if setting else name
 
 
 def rows_frame(rows: list[dict]) -> pd.DataFrame:
@@ -50,7 +85,8 @@ def rows_frame(rows: list[dict]) -> pd.DataFrame:
     for r in rows:
         if r.get("status") != "ok":
             log.warning("run %s failed: %s", r.get("key"), r.get("error"))
-    df = pd.DataFrame(ok, columns=COLUMNS)
+    labels = setting_labels(ok)
+    df = pd.DataFrame([{**r, "setting": labels[r["key"]]} for r in ok], columns=COLUMNS)
     order = {c: i for i, c in enumerate(CALIBRATOR_ORDER)}
     return df.sort_values(["task", "model", "precision", "calibrator", "ptq", "seed"],
                           key=lambda s: s.map(order).fillna(len(order)) if s.name == "calibrator" else s).reset_index(drop=True)
@@ -64,8 +100,9 @@ def _cell(values: pd.Series) -> str:
 
 def paper_table(df: pd.DataFrame) -> pd.DataFrame:
     """Rows calibrator x precision (x ptq), columns ``model / task (metric)``; FP32 first."""
+    method = df["calibrator"].where(df["ptq"] == "none", df["calibrator"] + " + " + df["ptq"])
     df = df.assign(column=df["model"] + " / " + df["task"] + " (" + df["metric"] + ")",
-                   method=df["calibrator"].where(df["ptq"] == "none", df["calibrator"] + " + " + df["ptq"]))
+                   method=[labelled(m, s) for m, s in zip(method, df["setting"])])
     df.loc[df["precision"] == "fp32", "method"] = "FP32"
     table = df.groupby(["precision", "method", "column"], sort=False)["quantized"].apply(_cell).unstack("column")
     return table.reset_index().fillna("-")
@@ -96,6 +133,7 @@ def ptq_table(df: pd.DataFrame) -> pd.DataFrame | None:
     q = df[df["precision"] != "fp32"]
     if set(q["ptq"]) <= {"none"}:
         return None
+    q = q.assign(calibrator=[labelled(c, s) for c, s in zip(q["calibrator"], q["setting"])])
     mean = q.groupby(["model", "task", "metric", "precision", "calibrator", "ptq"])["quantized"].mean().unstack("ptq")
     base = mean["none"] if "none" in mean.columns else None
     cells = mean.copy().astype(object)
@@ -165,28 +203,32 @@ def metric_function(task_class: str):
     return getattr(importlib.import_module(module), cls).metric_from_samples
 
 
-PAIR_AXES = ("model", "task", "precision", "calibrator", "ptq", "seed")
-
-
 def pair_table(rows: list[dict], rows_dir: Path, n_boot: int = 1000, axis: str = "calibrator",
                baseline: str | None = None) -> pd.DataFrame:
-    """Paired bootstrap CI of the metric difference between rows that differ only in ``axis``
+    """Paired bootstrap CI of the metric difference between rows whose config differs only in ``axis``
     (``calibrator``: every calibrator pair; ``ptq`` with ``baseline="none"``: each PTQ method
-    against calibration alone), on the same test clips."""
+    against calibration alone), on the same test clips. Rows with a setting label
+    (:func:`setting_labels`) carry it in ``value`` / ``versus``."""
     ok = [r for r in rows if r.get("status") == "ok" and r.get("precision") != "fp32" and r.get("task_class")]
+    labels = setting_labels(ok)
     fixed = [a for a in PAIR_AXES if a != axis]
     order = CALIBRATOR_ORDER if axis == "calibrator" else [baseline] if baseline else []
-    group_key = lambda r: tuple(r[a] for a in fixed)  # noqa: E731
+
+    def group_key(r: dict) -> tuple:  # every config axis but ``axis`` (names first, for a readable order)
+        rest = {k: v for k, v in r.get("axes", {}).items() if k != axis}
+        return tuple(str(r[a]) for a in fixed), json.dumps(rest, sort_keys=True, default=str)
+
     out = []
-    for values, group in itertools.groupby(sorted(ok, key=group_key), key=group_key):
-        group = sorted(group, key=lambda r: (order.index(r[axis]) if r[axis] in order else len(order), r[axis]))
+    for _, group in itertools.groupby(sorted(ok, key=group_key), key=group_key):
+        group = sorted(group, key=lambda r: (order.index(r[axis]) if r[axis] in order else len(order), r[axis], labels[r["key"]]))
         samples = {r["key"]: load_samples(rows_dir, r["key"]) for r in group}
         for a, b in itertools.combinations(group, 2):
             if samples[a["key"]] is None or samples[b["key"]] is None or (baseline and a[axis] != baseline):
                 continue
             ci = paired_bootstrap(samples[b["key"]], samples[a["key"]], metric_function(a["task_class"]), n_boot=n_boot,
                                   seed=a["seed"])
-            out.append(dict(zip(fixed, values), metric=a["metric"], compared=axis, value=b[axis], versus=a[axis], **ci))
+            out.append({**{f: a[f] for f in fixed}, "metric": a["metric"], "compared": axis,
+                        "value": labelled(b[axis], labels[b["key"]]), "versus": labelled(a[axis], labels[a["key"]]), **ci})
     return pd.DataFrame(out, columns=[*fixed, "metric", "compared", "value", "versus", "diff", "lo", "hi", "significant"])
 
 

@@ -187,3 +187,22 @@ def test_weights_fingerprint_changes_with_any_weight():
     with torch.no_grad():
         model[1].bias[0] += 1e-6
     assert weights_fingerprint(model) != before
+
+
+def test_rows_differing_in_another_setting_are_labelled_not_merged():
+    from esc.report import paper_table, rows_frame, setting_labels
+
+    def row(key, cal, n, gens=None, q=50.0):
+        calibrator = {"_target_": cal, **({"generations": gens} if gens is not None else {})}
+        axes = {"model": {"name": "m"}, "task": {"name": "t"}, "precision": "w8a6", "calibrator": calibrator, "ptq": "none",
+                "calibration": {"num_samples": n}, "seed": 0}
+        return {"key": key, "status": "ok", "model": "m", "task": "t", "precision": "w8a6", "calibrator": cal, "ptq": "none",
+                "seed": 0, "metric": "WER", "quantized": q, "axes": axes}
+    rows = [row("a", "mse", 100, q=0.5), row("b", "mse", 32, q=0.7), row("c", "esc", 32, 5, q=0.4), row("d", "esc", 32, 10, q=0.3)]
+    labels = setting_labels(rows)
+    assert labels == {"a": "calibration.num_samples=100", "b": "calibration.num_samples=32",
+                      "c": "calibrator.generations=5", "d": "calibrator.generations=10"}
+    table = paper_table(rows_frame(rows))
+    assert sorted(table["method"]) == ["esc (calibrator.generations=10)", "esc (calibrator.generations=5)",
+                                       "mse (calibration.num_samples=100)", "mse (calibration.num_samples=32)"]
+    assert "±" not in "".join(table.iloc[:, -1])  # no cell averages rows of different settings as if seeds
