@@ -14,8 +14,8 @@
 # %% [markdown]
 # # 01 — Activation ranges and level utilisation (the motivating diagnosis)
 #
-# For each model, at the lowest activation bit width present in the study (e.g. W4A4), this
-# notebook shows per activation quantizer:
+# For each model, at the lowest activation bit width of the study that has a `minmax` row (e.g.
+# W4A4; else the lowest present), this notebook shows per activation quantizer:
 #
 # * the **observed range** `max |x|` on the calibration clips (the `minmax` row's `clip_hi`),
 # * the **clip range chosen by each calibrator** (its row's `clip_hi`), on a log scale,
@@ -55,9 +55,11 @@ if not quantized:
 else:
     for model, task in sorted({(r["model"], r["task"]) for r in quantized}):
         mine = [r for r in quantized if r["model"] == model and r["task"] == task]
-        low = min(activation_bits(r) for r in mine)  # the lowest activation bit width present for this model
+        # the lowest activation bit width with a minmax row (it gives the observed range), else the lowest present
+        with_max = [r for r in mine if r["calibrator"] == "minmax"]
+        low = min(activation_bits(r) for r in (with_max or mine))
         mine = [r for r in mine if activation_bits(r) == low]
-        print(f"{model} / {task}: lowest activation bit width present: {low} bits ({len(mine)} rows)")
+        print(f"{model} / {task}: lowest activation bit width with a minmax row: {low} bits ({len(mine)} rows)")
         # the precision at that activation width with the most calibrators (W4A4 over A4 on ties: lower weight bits first)
         by_prec = pd.Series([r["precision"] for r in mine]).value_counts()
         precision = sorted(by_prec.index, key=lambda p: (-by_prec[p], p))[0]
