@@ -80,7 +80,7 @@ else:
             observed = tables["minmax"]["clip_hi"].reindex(names)
         else:
             observed = None
-            note(f"{model}/{task} {precision}: no minmax row, so the observed range max|x| is not shown")
+            print(f"{model}/{task} {precision}: no minmax row, so the observed range max|x| is not shown (the figure says so)")
         figures.append((model, task, precision, names, tables, observed))
 
 # %%
