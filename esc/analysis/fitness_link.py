@@ -40,6 +40,7 @@ import pandas as pd
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from tqdm import tqdm
 
 from esc.calibrators.fitness import FITNESS_KINDS, FitnessEvaluator
 from esc.config import compose
@@ -113,13 +114,7 @@ def fitness_link(cfg, sigmas: Sequence[float], per_sigma: int, seed: int, kinds:
     evaluators = {k: FitnessEvaluator(qmodel, data, kind=k, batched=False) for k in kinds}
     rows = []
     points = perturbations(qmodel.activation_scales().detach(), sigmas, per_sigma, seed)
-    try:
-        from tqdm import tqdm
-
-        points = tqdm(points, desc="scale vectors")
-    except ImportError:  # pragma: no cover - tqdm is a requirement
-        pass
-    for index, (sigma, scales) in enumerate(points):
+    for index, (sigma, scales) in enumerate(tqdm(points, desc="scale vectors")):
         fit = all_fitness(qmodel, evaluators, scales)
         with torch.no_grad():
             metric = float(task.evaluate(qmodel)[task.metric])
