@@ -1,9 +1,14 @@
-"""Result rows: one JSON file per run, written atomically, keyed by a hash of the run's config.
+"""Result rows: one JSON file per run, written atomically, keyed by a hash of what defines the run.
 
-A row's key hashes exactly the axes that define a run (model, task, precision, calibrator, ptq,
-calibration settings, seed), so rerunning a sweep skips every finished row and a killed sweep
-resumes where it stopped. Rows that ended in an error are recorded too (``status: "error"``) and
-are retried on the next run.
+A row's key (:func:`run_key`) hashes :data:`KEY_SCHEMA` and the values that define a run (model,
+task, precision, scope, calibrator, ptq, calibration settings, seed), so rerunning a sweep skips
+every finished row and a killed sweep resumes where it stopped. Keys never depend on where the
+checkout lives: paths under the configured roots are hashed as ``${paths.<root>}/<rest>``
+(:func:`portable`), so a moved checkout, ``ESC_ROOT`` or ``paths.data=...`` finds its rows and caches.
+An option added after rows exist is listed in :data:`NEUTRAL_DEFAULTS` with the value those rows
+implicitly had; runs with that value hash as if the option were absent, so no finished row is
+orphaned. Rows that ended in an error are recorded too (``status: "error"``) and are retried on
+the next run.
 """
 from __future__ import annotations
 
@@ -17,13 +22,40 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable
 
-RUN_AXES = ("model", "task", "precision", "calibrator", "ptq", "calibration", "seed")
-VERSIONED_PACKAGES = ("torch", "torchaudio", "evotorch", "cma", "hydra-core", "transformers", "numpy")
+#: Version of the key scheme; bumped only when what a key means changes (all rows then rerun).
+KEY_SCHEMA = 2
+#: Dotted option -> the value every row had before the option existed (dropped from keys when equal).
+NEUTRAL_DEFAULTS: dict[str, Any] = {}
+VERSIONED_PACKAGES = ("torch", "torchaudio", "evotorch", "cma", "hydra-core", "transformers", "numpy", "onnxruntime")
 
 
-def run_key(axes: dict[str, Any]) -> str:
-    """Stable 16-hex-digit hash of the run-defining config axes."""
-    blob = json.dumps({k: axes[k] for k in RUN_AXES if k in axes}, sort_keys=True, default=str)
+def portable(value: Any, roots: dict[str, str]) -> Any:
+    """``value`` (nested dicts/lists) with every string path under one of ``roots`` (name -> absolute
+    directory) written as ``${name}/<relative path>``; the longest matching root wins."""
+    if isinstance(value, dict):
+        return {k: portable(v, roots) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [portable(v, roots) for v in value]
+    if isinstance(value, str):
+        for name, root in sorted(roots.items(), key=lambda item: -len(item[1])):
+            root = root.rstrip("/")
+            if root and (value == root or value.startswith(root + "/")):
+                return "${" + name + "}" + value[len(root):]
+    return value
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted-key view ``{"calibrator.generations": 10, ...}`` of nested dicts (lists stay values)."""
+    if isinstance(value, dict) and value:
+        return {k: v for key, item in value.items() for k, v in flatten(item, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): value}
+
+
+def run_key(values: dict[str, Any]) -> str:
+    """Stable 16-hex-digit hash of :data:`KEY_SCHEMA` and ``values`` (nested; options equal to their
+    :data:`NEUTRAL_DEFAULTS` entry left out). Give it portable values (:func:`portable`)."""
+    flat = {k: v for k, v in flatten(values).items() if k not in NEUTRAL_DEFAULTS or NEUTRAL_DEFAULTS[k] != v}
+    blob = json.dumps({"schema": KEY_SCHEMA, "values": flat}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -72,24 +104,31 @@ def read_rows(rows_dirs: Iterable[str | Path]) -> list[dict]:
 
 
 def provenance() -> dict[str, Any]:
-    """Library versions, Python, platform and git commit, recorded in every row."""
+    """Library versions, Python, platform, git commit and (for a modified tree) a hash of the diff, recorded in every row."""
     versions = {}
     for pkg in VERSIONED_PACKAGES:
         try:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             versions[pkg] = None
+    commit, diff = git_state()
     return {"versions": versions, "python": platform.python_version(), "platform": platform.platform(),
-            "git_commit": git_commit()}
+            "git_commit": commit, "git_diff_sha256": diff}
 
 
-def git_commit() -> str | None:
-    """``HEAD`` of the repository this package lives in (with ``-dirty`` if modified), or None."""
+def _git(*args: str) -> str:
     root = Path(__file__).resolve().parents[1]
+    return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout
+
+
+def git_state() -> tuple[str | None, str | None]:
+    """``(commit, diff_hash)``: ``HEAD`` of this checkout with ``-dirty`` when tracked files are
+    modified, and then the SHA-256 (16 hex digits) of ``git diff HEAD`` (else ``None``); ``(None, None)`` outside git."""
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
+        sha = _git("rev-parse", "HEAD").strip()
+        diff = _git("diff", "HEAD", "--no-color")
     except (OSError, subprocess.CalledProcessError):
-        return None
+        return None, None
+    if not diff:
+        return sha, None
+    return sha + "-dirty", hashlib.sha256(diff.encode()).hexdigest()[:16]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import random
 import time
 import traceback
@@ -31,7 +32,7 @@ from esc.config import register_resolvers
 from esc.models.base import weights_fingerprint
 from esc.models.checkpoint import save_checkpoint
 from esc.quant.model import QuantSpec, quantize_model
-from esc.results import is_finished, provenance, read_row, row_path, run_key, write_json_atomic
+from esc.results import is_finished, portable, provenance, read_row, row_path, run_key, write_json_atomic
 
 log = logging.getLogger("esc.run")
 register_resolvers()
@@ -44,13 +45,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def path_roots(cfg: DictConfig) -> dict[str, str]:
+    """The configured directories (``paths.root``, ``paths.data``, ...) as absolute paths, for :func:`esc.results.portable`."""
+    return {f"paths.{k}": str(Path(v).resolve()) for k, v in OmegaConf.to_container(cfg.paths, resolve=True).items()}
+
+
 def run_axes(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved config axes that define a run (and its key).
+    """The resolved config axes that define a run (and its key), with paths made portable.
 
     For FP32 the calibrator and PTQ method play no role, and for weight-only precisions the
     calibrator plays none: they are recorded as ``none`` so equivalent runs share one key.
     """
-    axes = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "task", "precision", "calibrator", "ptq", "calibration")}
+    roots = path_roots(cfg)
+    axes = {k: portable(OmegaConf.to_container(cfg[k], resolve=True), roots)
+            for k in ("model", "task", "precision", "calibrator", "ptq", "calibration")}
     axes["seed"] = cfg.seed
     if cfg.precision.activation is None:
         axes["calibrator"] = "none"
@@ -78,10 +86,11 @@ def quant_spec(node: DictConfig | None) -> QuantSpec | None:
     return None if node is None else QuantSpec(int(node.bits), bool(node.symmetric), str(node.granularity))
 
 
-def fp32_metrics(cfg: DictConfig, task, bundle, weights: str) -> dict[str, float]:
-    """FP32 metrics of the model on the task, cached per model config, ``weights`` fingerprint, task and seed under ``paths.cache``."""
-    key = run_key({"model": OmegaConf.to_container(cfg.model, resolve=True), "weights": weights,
-                   "task": OmegaConf.to_container(cfg.task, resolve=True), "seed": cfg.seed})
+def fp32_metrics(cfg: DictConfig, axes: dict[str, Any], task, bundle, weights: str) -> dict[str, float]:
+    """FP32 metrics of the model on the task, cached per model config, ``weights`` fingerprint, task
+    config, data content and seed under ``paths.cache``."""
+    key = run_key({"model": axes["model"], "weights": weights, "task": axes["task"], "data": task.data_hashes,
+                   "seed": axes["seed"]})
     path = Path(cfg.paths.cache) / "fp32" / f"{key}.json"
     cached = read_row(path)
     if cached is not None:
@@ -99,16 +108,16 @@ def save_samples(path: Path, fp: dict[str, Any], quantized: dict[str, Any]) -> N
     arrays = {f"{side}/{k}": np.asarray(v) for side, d in samples.items() for k, v in d.items()}
     if arrays:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp.npz")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
         np.savez_compressed(tmp, **arrays)
         tmp.replace(path)
 
 
-def calibration_path(cfg: DictConfig, axes: dict[str, Any], ptq_stage: str, weights: str) -> Path:
+def calibration_path(cfg: DictConfig, axes: dict[str, Any], ptq_stage: str, weights: str, data: dict[str, str]) -> Path:
     """Cache file of an activation calibration, keyed by everything it depends on: the run axes
-    without an "after" PTQ method, and the float model's ``weights`` fingerprint."""
+    without an "after" PTQ method, the float model's ``weights`` fingerprint and the ``data`` hashes."""
     key = run_key({**{k: axes[k] for k in ("model", "task", "precision", "calibrator", "calibration", "seed")},
-                   "ptq": axes["ptq"] if ptq_stage == "before" else "none", "weights": weights})
+                   "ptq": axes["ptq"] if ptq_stage == "before" else "none", "weights": weights, "data": data})
     return Path(cfg.paths.cache) / "calibration" / f"{key}.pt"
 
 
@@ -149,8 +158,8 @@ def execute(cfg: DictConfig, axes: dict[str, Any]) -> dict[str, Any]:
     task = instantiate(cfg.task)
     task.prepare(bundle)
     weights = weights_fingerprint(bundle.model)
-    fp = fp32_metrics(cfg, task, bundle, weights)
-    row: dict[str, Any] = {"fp32_metrics": fp, "weights_fingerprint": weights, "calib_seconds": 0.0, "calibration_cached": False, "ptq_seconds": 0.0, "forward_passes": 0,
+    fp = fp32_metrics(cfg, axes, task, bundle, weights)
+    row: dict[str, Any] = {"fp32_metrics": fp, "weights_fingerprint": weights, "data_hashes": dict(task.data_hashes), "calib_seconds": 0.0, "calibration_cached": False, "ptq_seconds": 0.0, "forward_passes": 0,
                            "n_act_quantizers": 0, "n_weight_quantizers": 0, "calib_samples": 0, "history": {}, "quantizers": []}
     if cfg.precision.weight is None and cfg.precision.activation is None:
         return {**row, "metrics": fp, "task_obj": task}
@@ -169,7 +178,7 @@ def execute(cfg: DictConfig, axes: dict[str, Any]) -> dict[str, Any]:
     if cfg.precision.weight is not None:
         qmodel.calibrate_weights(cfg.calibration.weights)
     if cfg.precision.activation is not None:
-        cache = calibration_path(cfg, axes, ptq.stage, weights)
+        cache = calibration_path(cfg, axes, ptq.stage, weights, task.data_hashes)
         result = calibrate_activations(cfg, qmodel, data, task, cache)
         row.update(calib_seconds=result["seconds"], forward_passes=result["forward_passes"], history=result["history"],
                    calibration_cached=result["cached"])

@@ -67,10 +67,35 @@ def test_unknown_choice_lists_valid_options():
     assert "bogus" in proc.stderr and "minmax" in proc.stderr and "esc" in proc.stderr
 
 
-def test_run_key_depends_on_axes_only():
-    a = {"model": {"x": 1}, "task": "t", "precision": "p", "calibrator": "c", "ptq": "n", "calibration": {}, "seed": 0}
-    assert run_key(a) == run_key({**a, "unrelated": 5})
-    assert run_key(a) != run_key({**a, "seed": 1})
+def test_run_key_is_independent_of_where_the_checkout_lives(tmp_path):
+    from esc.run import run_axes
+
+    a = compose([f"paths.root={tmp_path}/a", "calibrator=mse"])
+    b = compose([f"paths.root={tmp_path}/elsewhere/b", "calibrator=mse"])
+    assert run_axes(a) == run_axes(b)  # every path under a configured root is written relative to it
+    assert "${paths.data}" in json.dumps(run_axes(a))
+    assert run_key(run_axes(a)) == run_key(run_axes(b))
+    moved_data = compose([f"paths.root={tmp_path}/a", f"paths.data={tmp_path}/disk2/data", "calibrator=mse"])
+    assert run_key(run_axes(moved_data)) == run_key(run_axes(a))
+
+
+def test_run_key_changes_with_every_value_and_ignores_neutral_defaults(monkeypatch):
+    from esc import results
+
+    a = {"model": {"x": 1}, "task": "t", "precision": "p", "calibrator": {"c": [1, 2]}, "seed": 0}
+    variants = [{**a, "seed": 1}, {**a, "model": {"x": 2}}, {**a, "calibrator": {"c": [2, 1]}}, {**a, "extra": 0}]
+    assert len({run_key(v) for v in variants} | {run_key(a)}) == len(variants) + 1
+    monkeypatch.setitem(results.NEUTRAL_DEFAULTS, "calibrator.new_option", "old behaviour")
+    assert run_key({**a, "calibrator": {"c": [1, 2], "new_option": "old behaviour"}}) == run_key(a)
+    assert run_key({**a, "calibrator": {"c": [1, 2], "new_option": "other"}}) != run_key(a)
+
+
+def test_portable_rewrites_only_paths_under_a_root():
+    from esc.results import portable
+
+    roots = {"paths.root": "/x/repo", "paths.data": "/x/repo/data"}
+    assert portable({"a": ["/x/repo/data/kws", "/x/repo/ckpt.pt", "/x/repository", "data"]}, roots) == \
+        {"a": ["${paths.data}/kws", "${paths.root}/ckpt.pt", "/x/repository", "data"]}
 
 
 def test_atomic_write_keeps_old_row_when_writing_fails(tmp_path):

@@ -77,6 +77,27 @@ def test_dataset_deterministic_and_voice_disjoint(tiny_data_dir, tmp_path):
     assert not np.array_equal(other["train"].waveforms, a["train"].waveforms)
 
 
+def test_dataset_bytes_identical_across_processes_and_synthesis_order(tiny_data_dir, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    script = ("import sys; from esc.data.kws import KWSConfig, generate_kws; from esc.tasks.kws import TINY_DATA; "
+              "generate_kws(sys.argv[1], KWSConfig(**TINY_DATA), progress=False)")
+    digests = []
+    for run in ("a", "b"):
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / run)], check=True, timeout=300)
+        meta = json.loads(next((tmp_path / run).rglob("meta.json")).read_text())
+        digests.append(meta["sha256"])
+    here = load_kws(tiny_data_dir, TINY_CFG)
+    assert digests[0] == digests[1] == {s: here[s].sha256 for s in SPLITS}
+    # each utterance is synthesised on its own: the order of requests cannot change a waveform
+    texts = [("seven", "en-us+f2"), ("forward", "en-gb-x-rp+whisper"), ("yes", "en-us+m3")]
+    forward = [espeak.synthesize(t, voice=v) for t, v in texts]
+    backward = [espeak.synthesize(t, voice=v) for t, v in reversed(texts)][::-1]
+    assert all(np.array_equal(x, y) for x, y in zip(forward, backward))
+
+
 def test_missing_dataset_without_generation_names_the_command(tmp_path):
     with pytest.raises(FileNotFoundError, match="esc.data.kws"):
         load_kws(tmp_path, TINY_CFG, generate=False)

@@ -108,7 +108,7 @@ def fitness_link(cfg, sigmas: Sequence[float], per_sigma: int, seed: int, kinds:
     if cfg.precision.weight is not None:
         qmodel.calibrate_weights(cfg.calibration.weights)
     stage = instantiate(cfg.ptq).stage
-    calibrate_activations(cfg, qmodel, data, task, calibration_path(cfg, run_axes(cfg), stage, weights_fingerprint(bundle.model)))
+    calibrate_activations(cfg, qmodel, data, task, calibration_path(cfg, run_axes(cfg), stage, weights_fingerprint(bundle.model), task.data_hashes))
     qmodel.eval()
     kinds = [k for k in kinds if k != "task" or data.loss is not None]
     evaluators = {k: FitnessEvaluator(qmodel, data, kind=k, batched=False) for k in kinds}

@@ -13,7 +13,8 @@ Per clip ``i`` a generator seeded with ``(seed, i)`` draws the rate factor from 
 from ``snr_db`` (``None`` = clean), 0.1-0.3 s of leading and trailing silence, and, when noisy,
 white Gaussian noise scaled to ``SNR = 10 log10(P_speech / P_noise)`` (powers over the speech
 samples). Audio is resampled to 16 kHz with ``torchaudio.functional.resample``. A split is cached as
-one ``.npz`` under ``cache_dir`` (default ``data/asr``), named by a hash of every parameter and of the sentences.
+one ``.npz`` under ``cache_dir`` (default ``data/asr``), named by a hash of every parameter and of the sentences;
+:func:`clips_hash` is the content identity of a split (result rows record it).
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 import torchaudio
 
+from esc.data.audio import content_hash
 from esc.data.sentences import generate_sentences
 
 log = logging.getLogger(__name__)
@@ -110,6 +112,11 @@ def make_clip(text: str, voice: str, rng: np.random.Generator, rates: Sequence[f
     return Clip(wav, text, voice, meta)
 
 
+def clips_hash(clips: Sequence[Clip]) -> str:
+    """Content hash of a list of clips: every waveform, transcript and voice, in order."""
+    return content_hash(*(c.wave for c in clips), [[c.text, c.voice] for c in clips])
+
+
 def make_clips(n: int, seed: int, voice: str, rates: Sequence[float] = (0.85, 1.0, 1.15),
                snr_db: Sequence[Optional[float]] = (None, 30.0, 20.0),
                espeak_voices: Sequence[str] = DEFAULT_ESPEAK_VOICES, espeak_pitches: Sequence[int] = (35, 50, 65),
@@ -119,7 +126,7 @@ def make_clips(n: int, seed: int, voice: str, rates: Sequence[float] = (0.85, 1.
     texts = generate_sentences(n, seed)
     params = dict(n=n, seed=seed, texts_sha1=hashlib.sha1("\n".join(texts).encode()).hexdigest(), voice=voice,
                   rates=list(rates), snr_db=list(snr_db), espeak_voices=list(espeak_voices),
-                  espeak_pitches=list(espeak_pitches), sample_rate=sample_rate, version=2)
+                  espeak_pitches=list(espeak_pitches), sample_rate=sample_rate, version=3)  # 3: deterministic eSpeak
     key = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
     path = Path(cache_dir) / f"{voice}_n{n}_s{seed}_{key}.npz" if cache_dir is not None else None
     if path is not None and path.is_file():

@@ -1,7 +1,10 @@
-"""Reading audio files: soundfile decoding, mono mixdown, resampling, errors that name the file."""
+"""Reading audio files (soundfile decoding, mono mixdown, resampling, errors that name the file) and content hashes of data sets."""
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,3 +42,19 @@ def load_audio(path: str | Path, sample_rate: int = 16000, mono: bool = True) ->
     if sr != sample_rate:
         wav = torchaudio.functional.resample(wav, int(sr), int(sample_rate))
     return wav.numpy().astype(np.float32, copy=False)
+
+
+def content_hash(*parts: Any) -> str:
+    """SHA-256 (16 hex digits) of arrays and JSON-able values, in order: the content identity of a data split.
+
+    Arrays contribute their dtype, shape and bytes (C order); anything else its sorted-key JSON.
+    Result rows record these hashes, so two rows on the same split name the same bytes.
+    """
+    h = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, np.ndarray):
+            h.update(f"{part.dtype.str}{part.shape}".encode())
+            h.update(np.ascontiguousarray(part).tobytes())
+        else:
+            h.update(json.dumps(part, sort_keys=True).encode())
+    return h.hexdigest()[:16]

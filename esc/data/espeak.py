@@ -1,23 +1,28 @@
-"""Offline speech synthesis with eSpeak NG through ``ctypes`` (no root, no network).
+"""Offline speech synthesis with eSpeak NG through ``ctypes`` (no root, no network), deterministic.
 
-The PyPI package ``espeakng-loader`` ships ``libespeak-ng`` and its voice data. This module
-drives the library directly: ``espeak_Initialize(AUDIO_OUTPUT_SYNCHRONOUS, ...)`` with the
-package's data path (once per process), a synth callback that collects the int16 PCM the engine
-produces at its native rate (22050 Hz), ``espeak_SetVoiceByName`` (a language voice plus an
-optional variant, ``"en-us+m3"``), ``espeak_SetParameter`` for rate / pitch / pitch range, and
-``espeak_Synth``. The result is resampled with torchaudio to the requested rate (16 kHz default).
+The PyPI package ``espeakng-loader`` ships ``libespeak-ng`` (1.52) and its voice data. The library
+is driven by a small synthesis server, :mod:`esc.data.espeak_worker`, started once per process:
+``espeak_Initialize(AUDIO_OUTPUT_SYNCHRONOUS, ...)`` with the package's data path, a synth callback
+that collects the int16 PCM the engine produces at its native rate (22050 Hz),
+``espeak_SetVoiceByName`` (a language voice plus an optional variant, ``"en-us+m3"``),
+``espeak_SetParameter`` for rate / pitch / pitch range / volume, and ``espeak_Synth``. The result is
+resampled with torchaudio to the requested rate (16 kHz default).
 
-eSpeak keeps global state, so every call is serialised by a lock; the module is safe to call
-repeatedly (and from several threads) in one process. Determinism: the library keeps its
-pitch-flutter phase in statics that persist across utterances (and ``espeak_Initialize``), so the
-same call can differ by a few samples depending on what the process synthesised before; the same
-sequence of calls from a fresh process gives identical audio (:mod:`esc.data.kws` generates in a
-fresh child process for that reason).
+Determinism: every utterance is synthesised in a child forked from the freshly initialised server,
+with eSpeak's noise generator seeded from the request itself (:func:`request_seed`), so the audio
+is a pure function of ``(text, voice, rate, pitch, pitch_range, volume)``: the same call gives the
+same bytes in any process, in any order, after any other synthesis (see the worker's docstring for
+the two sources of run-to-run variation this removes). Calls are serialised by a lock; the module
+is safe to call from several threads.
 """
 from __future__ import annotations
 
-import ctypes
+import hashlib
+import json
 import logging
+import struct
+import subprocess
+import sys
 import threading
 from functools import lru_cache
 from pathlib import Path
@@ -29,84 +34,58 @@ import torchaudio
 
 log = logging.getLogger(__name__)
 
-# espeak_AUDIO_OUTPUT / espeak_PARAMETER / espeak_POSITION_TYPE values from speak_lib.h
-AUDIO_OUTPUT_SYNCHRONOUS = 2
-ESPEAK_RATE, ESPEAK_VOLUME, ESPEAK_PITCH, ESPEAK_RANGE = 1, 2, 3, 4
-POS_CHARACTER = 1
-ESPEAK_CHARS_AUTO = 0
-ESPEAK_INITIALIZE_DONT_EXIT = 0x8000
-EE_OK = 0
-
 # English language voices shipped with espeak-ng (en-Shaw, the Shavian-script voice, is left out).
 ENGLISH_LANGUAGES = ("en", "en-us", "en-gb-x-rp", "en-gb-scotland", "en-gb-x-gbclan",
                      "en-gb-x-gbcwmd", "en-029", "en-us-nyc")
-
-_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
 
 
 class SynthesisError(RuntimeError):
     """eSpeak NG could not be loaded or produced no audio."""
 
 
+def request_seed(text: str, voice: str, rate: int, pitch: int, pitch_range: int, volume: int) -> int:
+    """The seed of eSpeak's noise generator for one utterance: a 31-bit hash of the request."""
+    blob = json.dumps([text, voice, int(rate), int(pitch), int(pitch_range), int(volume)]).encode()
+    return int.from_bytes(hashlib.sha256(blob).digest()[:4], "little") & 0x7FFFFFFF
+
+
 class _Engine:
-    """The process-wide eSpeak NG instance (initialised once)."""
+    """Client of the process-wide synthesis server (:mod:`esc.data.espeak_worker`, started once)."""
 
     def __init__(self) -> None:
         try:
-            import espeakng_loader
+            import espeakng_loader  # noqa: F401
         except ImportError as e:  # pragma: no cover - pinned dependency
             raise SynthesisError("espeakng-loader is not installed; `pip install espeakng-loader==0.2.4`") from e
-        self.data_path = espeakng_loader.get_data_path()
-        lib_path = espeakng_loader.get_library_path()
-        try:
-            self.lib = ctypes.CDLL(lib_path)
-        except OSError as e:
-            raise SynthesisError(f"could not load libespeak-ng from {lib_path}: {e}") from e
-        lib = self.lib
-        lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
-        lib.espeak_Initialize.restype = ctypes.c_int
-        lib.espeak_SetSynthCallback.argtypes = [_CALLBACK]
-        lib.espeak_SetSynthCallback.restype = None
-        lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
-        lib.espeak_SetVoiceByName.restype = ctypes.c_int
-        lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
-        lib.espeak_SetParameter.restype = ctypes.c_int
-        lib.espeak_Synth.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int, ctypes.c_uint,
-                                     ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
-        lib.espeak_Synth.restype = ctypes.c_int
-        lib.espeak_Synchronize.restype = ctypes.c_int
-        rate = lib.espeak_Initialize(AUDIO_OUTPUT_SYNCHRONOUS, 0, self.data_path.encode(), ESPEAK_INITIALIZE_DONT_EXIT)
+        self.proc = subprocess.Popen([sys.executable, "-m", "esc.data.espeak_worker"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        header = self.proc.stdout.read(4)
+        rate = struct.unpack("<i", header)[0] if len(header) == 4 else 0
         if rate <= 0:
-            raise SynthesisError(f"espeak_Initialize failed (returned {rate}) with data path {self.data_path}")
+            err = self.proc.stderr.read().decode(errors="replace")[-2000:] if self.proc.poll() is not None else ""
+            raise SynthesisError(f"the eSpeak NG synthesis server failed to start (espeak_Initialize returned {rate}): {err}")
         self.sample_rate = int(rate)
-        self._chunks: list[np.ndarray] = []
-        self._callback = _CALLBACK(self._collect)  # keep a reference: ctypes does not
-        lib.espeak_SetSynthCallback(self._callback)
         self.lock = threading.Lock()
-        log.debug("espeak-ng initialised at %d Hz with data %s", self.sample_rate, self.data_path)
-
-    def _collect(self, wav, num_samples, events) -> int:
-        if num_samples > 0 and wav:
-            self._chunks.append(np.ctypeslib.as_array(wav, shape=(num_samples,)).copy())
-        return 0  # 0 = continue synthesis
+        log.debug("espeak-ng synthesis server %d at %d Hz", self.proc.pid, self.sample_rate)
 
     def synth(self, text: str, voice: str, rate: int, pitch: int, pitch_range: int, volume: int) -> np.ndarray:
-        """Native-rate int16 PCM of ``text`` spoken by ``voice``."""
+        """Native-rate int16 PCM of ``text`` spoken by ``voice`` (a pure function of the arguments)."""
+        request = dict(text=text, voice=voice, rate=int(rate), pitch=int(pitch), pitch_range=int(pitch_range),
+                       volume=int(volume), seed=request_seed(text, voice, rate, pitch, pitch_range, volume))
+        blob = json.dumps(request).encode()
         with self.lock:
-            lib = self.lib
-            if lib.espeak_SetVoiceByName(voice.encode()) != EE_OK:
-                raise SynthesisError(f"eSpeak NG has no voice {voice!r}; pick one of esc.data.espeak.list_voices()")
-            for param, value in ((ESPEAK_RATE, rate), (ESPEAK_PITCH, pitch), (ESPEAK_RANGE, pitch_range), (ESPEAK_VOLUME, volume)):
-                if lib.espeak_SetParameter(param, int(value), 0) != EE_OK:
-                    raise SynthesisError(f"espeak_SetParameter({param}, {value}) failed")
-            self._chunks = []
-            buf = ctypes.create_string_buffer(text.encode("utf-8"))
-            err = lib.espeak_Synth(buf, len(buf), 0, POS_CHARACTER, 0, ESPEAK_CHARS_AUTO, None, None)
-            if err != EE_OK:
-                raise SynthesisError(f"espeak_Synth failed with error {err} for text {text!r}, voice {voice!r}")
-            lib.espeak_Synchronize()
-            chunks, self._chunks = self._chunks, []
-        return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int16)
+            try:
+                self.proc.stdin.write(struct.pack("<I", len(blob)) + blob)
+                self.proc.stdin.flush()
+                head = self.proc.stdout.read(5)
+                status, size = struct.unpack("<BI", head)
+                payload = self.proc.stdout.read(size)
+            except (OSError, struct.error) as e:
+                raise SynthesisError(f"the eSpeak NG synthesis server stopped (exit code {self.proc.poll()}); "
+                                     "rerun, and report it if it persists") from e
+        if status != 0:
+            raise SynthesisError(payload.decode(errors="replace"))
+        return np.frombuffer(payload, dtype=np.int16).copy()
 
 
 _ENGINE: Optional[_Engine] = None

@@ -18,12 +18,14 @@ What is generated (all constants are fields of :class:`KWSConfig`):
   probability ``noise_prob``, mixed with white, pink (1/f power) or brown (1/f^2 power) noise at
   an SNR uniform in ``snr_db`` (relative to the speech RMS over the utterance); finally clipped
   to [-1, 1] and stored as int16;
-* everything is drawn from ``numpy.random.Generator(SeedSequence([seed, split_index]))`` in
-  one process, and eSpeak NG is deterministic, so a config gives the same bytes every time.
+* everything is drawn from ``numpy.random.Generator(SeedSequence([seed, split_index]))``, and every
+  eSpeak NG utterance is a pure function of its request (:mod:`esc.data.espeak`), so a config gives
+  the same bytes every time, in any process (tested across processes).
 
 The data set is cached as a folder ``<data_dir>/kws_<hash>/`` (hash of the config) of ``.npy``
-arrays (``<split>_<field>.npy``) plus ``meta.json``; audio is memory-mapped on load, so a run reads
-only the clips it uses. It is generated on first use by :func:`load_kws` or ahead of time by
+arrays (``<split>_<field>.npy``) plus ``meta.json``, which records a content hash of every split
+(:func:`split_hash`: SHA-256 over its audio, labels and voices; result rows record it); audio is
+memory-mapped on load, so a run reads only the clips it uses. It is generated on first use by :func:`load_kws` or ahead of time by
 ``python -m esc.data.kws``.
 """
 from __future__ import annotations
@@ -35,8 +37,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +48,7 @@ import torchaudio
 from tqdm import tqdm
 
 from esc.data import espeak
+from esc.data.audio import content_hash
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ WORDS = ("backward", "bed", "bird", "cat", "dog", "down", "eight", "five", "foll
          "sheila", "six", "stop", "three", "tree", "two", "up", "visual", "wow", "yes", "zero")
 SPLITS = ("train", "valid", "test")
 DEFAULT_VARIANT = "default"  # the language voice without a variant
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: deterministic eSpeak synthesis (one forked child per utterance)
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,14 @@ class KWSSplit:
     voice_ids: np.ndarray
     voices: list[str]
     words: tuple[str, ...] = field(default=WORDS)
+    digest: Optional[str] = None  # content hash from the data set's manifest (computed when absent)
+
+    @property
+    def sha256(self) -> str:
+        """The split's content hash (:func:`split_hash`), read from the manifest when the split was loaded from one."""
+        if self.digest is None:
+            self.digest = split_hash(self)
+        return self.digest
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -243,38 +252,33 @@ def cache_path(data_dir: str | Path, config: KWSConfig) -> Path:
     return Path(data_dir) / f"kws_{config.digest()}"
 
 
-def generate_kws(data_dir: str | Path, config: KWSConfig = KWSConfig(), progress: bool = True,
-                 isolate: bool = True) -> Path:
+def split_hash(split: KWSSplit) -> str:
+    """Content hash of a split: its audio, labels, voice ids and voice names (:func:`esc.data.audio.content_hash`)."""
+    return content_hash(np.asarray(split.pcm), split.labels, split.voice_ids, list(split.voices))
+
+
+def generate_kws(data_dir: str | Path, config: KWSConfig = KWSConfig(), progress: bool = True) -> Path:
     """Synthesise all splits of ``config`` and write them (atomically) to :func:`cache_path`.
 
-    eSpeak NG keeps some synthesis state (its pitch-flutter phase) in library statics that
-    survive ``espeak_Initialize``, so the exact samples depend on what the process synthesised
-    before. With ``isolate`` (default) the data set is generated in a fresh Python process
-    (``python -m esc.data.kws``; a subprocess, so it also works inside daemonic sweep workers),
-    so a config always gives the same bytes whatever the caller did earlier.
+    ``meta.json`` records the words, the config and each split's :func:`split_hash`.
     """
     path = cache_path(data_dir, config)
-    if isolate:
-        cmd = [sys.executable, "-m", "esc.data.kws", "--data-dir", str(data_dir),
-               "--config-json", json.dumps(dataclasses.asdict(config))] + ([] if progress else ["--no-progress"])
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        if proc.returncode != 0 or not path.is_dir():
-            raise RuntimeError(f"kws data generation failed (exit code {proc.returncode}) in `{' '.join(cmd[:4])} ...`:\n"
-                               f"{proc.stdout[-2000:]}")
-        return path
     start = time.perf_counter()
     voices = split_voices(config)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    hashes = {}
     for split in SPLITS:
         s = generate_split(config, split, voices[split], progress)
         for name, array in (("waveforms", s.pcm), ("labels", s.labels), ("voice_ids", s.voice_ids)):
             np.save(tmp / f"{split}_{name}.npy", array)
         (tmp / f"{split}_voices.json").write_text(json.dumps(list(s.voices)))
-        log.info("kws %s: %d clips, %d voices (%d variants), %d words", split, len(s), len(s.voices),
-                 len({v.partition('+')[2] or DEFAULT_VARIANT for v in s.voices}), len(config.words))
-    (tmp / "meta.json").write_text(json.dumps({"words": list(config.words), "config": dataclasses.asdict(config)}, sort_keys=True))
+        hashes[split] = split_hash(s)
+        log.info("kws %s: %d clips, %d voices (%d variants), %d words, sha256 %s", split, len(s), len(s.voices),
+                 len({v.partition('+')[2] or DEFAULT_VARIANT for v in s.voices}), len(config.words), hashes[split])
+    (tmp / "meta.json").write_text(json.dumps({"words": list(config.words), "config": dataclasses.asdict(config),
+                                               "sha256": hashes}, sort_keys=True))
     try:
         os.replace(tmp, path)
     except OSError:  # another process finished the same data set first
@@ -297,9 +301,11 @@ def load_kws(data_dir: str | Path, config: KWSConfig = KWSConfig(), generate: bo
         log.info("kws data set %s not found; generating it", path)
         generate_kws(data_dir, config, progress)
     try:
-        words = tuple(json.loads((path / "meta.json").read_text())["words"])
+        meta = json.loads((path / "meta.json").read_text())
+        words = tuple(meta["words"])
         out = {s: KWSSplit(np.load(path / f"{s}_waveforms.npy", mmap_mode="r"), np.load(path / f"{s}_labels.npy"),
-                           np.load(path / f"{s}_voice_ids.npy"), json.loads((path / f"{s}_voices.json").read_text()), words)
+                           np.load(path / f"{s}_voice_ids.npy"), json.loads((path / f"{s}_voices.json").read_text()), words,
+                           meta["sha256"][s])
                for s in splits}
     except Exception as e:
         raise ValueError(f"kws cache {path} is unreadable ({e}); delete it and rerun `python -m esc.data.kws`") from e
@@ -337,7 +343,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         log.info("kws data set already at %s (use --force to regenerate)", path)
         return
     shutil.rmtree(path, ignore_errors=True)
-    generate_kws(args.data_dir, config, progress=not args.no_progress, isolate=False)
+    generate_kws(args.data_dir, config, progress=not args.no_progress)
 
 
 if __name__ == "__main__":

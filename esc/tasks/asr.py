@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from esc.calibrators.base import CalibrationData
-from esc.data.asr import DEFAULT_ESPEAK_VOICES, Clip, make_clips
+from esc.data.asr import DEFAULT_ESPEAK_VOICES, Clip, clips_hash, make_clips
 from esc.models.base import ModelBundle
 from esc.tasks.base import Task
 
@@ -210,6 +210,7 @@ class ASRTask(Task):
         self.extras = bundle.extras
         self.test_clips = self._split("test")
         self.train_clips = self._split("train")
+        self.data_hashes = {"test": clips_hash(self.test_clips), "train": clips_hash(self.train_clips)}
         self.test_features = self._features(self.test_clips)
         self.references = [self.normalizer(c.text) for c in self.test_clips]
         window = self.test_features.shape[-1] * 160  # samples per encoder window (hop 160 at 16 kHz)

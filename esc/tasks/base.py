@@ -19,11 +19,14 @@ class Task:
         name: task name used in result rows (``kws``, ``tagging``, ``asr``).
         metric: name of the headline metric (``accuracy``, ``mAP``, ``WER``).
         higher_is_better: direction of the headline metric.
+        data_hashes: content hash of every data split the task uses (``{"test": ..., "train": ...}``),
+            set by :meth:`prepare`; result rows record it, so two rows name the same bytes.
     """
 
     name = "task"
     metric = "metric"
     higher_is_better = True
+    data_hashes: dict[str, str] = {}
 
     def prepare(self, bundle: ModelBundle) -> None:
         """Load the data and cache front-end features for ``bundle``."""

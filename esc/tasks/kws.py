@@ -109,6 +109,7 @@ class KeywordSpottingTask(Task):
         self.bundle = bundle
         splits = self.load_splits()
         self.train, test = splits["train"], splits["test"]
+        self.data_hashes = {"train": self.train.sha256, "test": test.sha256}
         self.train_labels = self._model_labels(self.train)
         idx = np.arange(len(test))
         if self.max_test_clips is not None and self.max_test_clips < len(test):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -167,6 +168,7 @@ class AudioTaggingTask(Task):
         self.class_index = [labels.index(c) for c in self.classes]
         splits = self.load_splits()
         test, calib = splits["test"], splits["calibration"]
+        self.data_hashes = {"test": test.sha256, "calibration": calib.sha256}
         self.test_labels, self.calib_labels = test.labels.astype(np.float32), calib.labels.astype(np.float32)
         self.test_features = self._features(bundle.frontend, test.waves)
         self.calib_features = self._features(bundle.frontend, calib.waves)
@@ -191,7 +193,7 @@ class AudioTaggingTask(Task):
         test, calib = self.predict(model, self.test_features), self.predict(model, self.calib_features)
         if self.cache_fp32:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp.npz")
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
             np.savez(tmp, test=test.numpy(), calibration=calib.numpy())
             tmp.replace(path)
         return test, calib
