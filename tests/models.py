@@ -45,7 +45,7 @@ class TinyTransformer(nn.Module):
         self.embed = nn.Conv1d(feats, dim, kernel_size=3, padding=1)
         self.ln1, self.ln2, self.ln_out = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-        self.qk, self.av = MatMul(), MatMul()
+        self.qk, self.av = MatMul("qk"), MatMul("pv")
         self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
         self.head = nn.Linear(dim, classes)
         self.heads = heads

@@ -21,8 +21,8 @@ class TinyAttentionBlock(nn.Module):
         self.heads = heads
         self.norm1 = nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim)
-        self.scores = MatMul()
-        self.context = MatMul()
+        self.scores = MatMul("qk")
+        self.context = MatMul("pv")
         self.proj = nn.Linear(dim, dim)
         self.norm2 = nn.LayerNorm(dim)
         self.fc1 = nn.Linear(dim, ff)

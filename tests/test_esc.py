@@ -118,7 +118,7 @@ def test_local_step_matmul_operands_and_layernorm_brute_force():
     class Model(nn.Module):
         def __init__(self):
             super().__init__()
-            self.ln, self.mm = nn.LayerNorm(8), MatMul()
+            self.ln, self.mm = nn.LayerNorm(8), MatMul("qk")
 
         def forward(self, a, b):
             return self.mm(self.ln(a), b)

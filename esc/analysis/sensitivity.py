@@ -25,19 +25,18 @@ metric_name, reference, fp32, metric, drop, loss (the task's mean test loss, whe
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import os
 from pathlib import Path
 
 import pandas as pd
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 
 from esc.config import compose, project_root
-from esc.quant.model import QuantSpec, quantize_model
+from esc.pipeline import component_name, prepare, quantize
 from esc.results import read_rows
-from esc.run import component_name, seed_everything
 
 log = logging.getLogger("esc.analysis.sensitivity")
 
@@ -62,19 +61,15 @@ def matching_rows(rows: list[dict], model: str, task: str, precision: str, seed:
 
 def sensitivity(cfg, rows: dict[str, dict], bits: int, with_weights: bool = False) -> pd.DataFrame:
     """The per-quantizer metric drops for each row's clip ranges (see the module docstring)."""
-    seed_everything(int(cfg.seed))
-    if cfg.torch_threads:
-        torch.set_num_threads(int(cfg.torch_threads))
-    bundle = instantiate(cfg.model)
-    task = instantiate(cfg.task)
-    task.prepare(bundle)
-    weight = None
-    if with_weights and cfg.precision.weight is not None:
-        weight = QuantSpec(int(cfg.precision.weight.bits), bool(cfg.precision.weight.symmetric), str(cfg.precision.weight.granularity))
-    qmodel = quantize_model(bundle.model, weight=weight, activation=QuantSpec(bits, True, "tensor"), skip=bundle.skip_quantization)
-    if weight is not None:
-        qmodel.calibrate_weights(cfg.calibration.weights)
-    quantizers = qmodel.activation_quantizers
+    bundle, task = prepare(cfg)
+    qcfg = copy.deepcopy(cfg)  # the rows' quantizers: their scope at ``bits``, weights quantized only if asked
+    with open_dict(qcfg):
+        qcfg.precision.activation = {"bits": bits, "symmetric": True, "granularity": "tensor"}
+        if not with_weights:
+            qcfg.precision.weight = None
+    qmodel = quantize(qcfg, bundle, bundle.model, task.calibration_data(1, int(cfg.calibration.seed)))
+    weight = qcfg.precision.weight
+    quantizers = qmodel.all_activation_quantizers
     qmodel.set_quant_state(activations=False)
     qmodel.eval()
     with torch.no_grad():

@@ -6,5 +6,8 @@ from esc.calibrators.minmax import MinMaxCalibrator
 from esc.calibrators.mse import MSECalibrator, mse_clip
 from esc.calibrators.percentile import PercentileCalibrator
 
-__all__ = ["CalibrationData", "CalibrationResult", "Calibrator", "Observer", "StatisticCalibrator", "HistogramObserver",
+#: Statistic calibrators by name, with their defaults: the fixed calibrators a scope role may name.
+BY_NAME = {"minmax": MinMaxCalibrator, "percentile": PercentileCalibrator, "entropy": EntropyCalibrator, "mse": MSECalibrator}
+
+__all__ = ["BY_NAME", "CalibrationData", "CalibrationResult", "Calibrator", "Observer", "StatisticCalibrator", "HistogramObserver",
            "MinMaxCalibrator", "PercentileCalibrator", "EntropyCalibrator", "MSECalibrator", "mse_clip"]

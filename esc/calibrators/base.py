@@ -65,6 +65,17 @@ def repeat_batch(batch: Any, times: int) -> Any:
     return batch
 
 
+def take_batch(batch: Any, n: int) -> Any:
+    """The first ``n`` samples of a (nested) batch: every tensor sliced on dim 0, other values kept."""
+    if isinstance(batch, torch.Tensor):
+        return batch[:n]
+    if isinstance(batch, dict):
+        return {k: take_batch(v, n) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(take_batch(v, n) for v in batch)
+    return batch
+
+
 @dataclass
 class CalibrationResult:
     """What a calibrator reports besides the scales it sets."""

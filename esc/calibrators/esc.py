@@ -92,18 +92,34 @@ class _LocalErrors:
         return self.sse / max(self.count, 1)
 
 
-def _owner_map(qmodel: QuantizedModel) -> dict[int, tuple[str, torch.nn.Module]]:
-    """``id(quantizer) -> (role, module)`` for activation quantizers inside known quantized modules."""
-    owners: dict[int, tuple[str, torch.nn.Module]] = {}
+def _owner_map(qmodel: QuantizedModel) -> dict[int, list[tuple[str, torch.nn.Module]]]:
+    """``id(quantizer) -> [(slot kind, module), ...]`` for activation quantizers inside known quantized
+    modules (a shared quantizer has one entry per slot it fills)."""
+    owners: dict[int, list[tuple[str, torch.nn.Module]]] = {}
     for module in qmodel.model.modules():
         if isinstance(module, (QuantLinear, QuantConv1d, QuantConv2d)):
-            owners[id(module.input_quantizer)] = ("input", module)
+            slots = [("input", module.input_quantizer)]
         elif isinstance(module, QuantLayerNorm):
-            owners[id(module.output_quantizer)] = ("tensor", module)
+            slots = [("tensor", module.input_quantizer), ("tensor", module.output_quantizer)]
         elif isinstance(module, QuantMatMul):
-            owners[id(module.a_quantizer)] = ("matmul_a", module)
-            owners[id(module.b_quantizer)] = ("matmul_b", module)
+            slots = [("matmul_a", module.a_quantizer), ("matmul_b", module.b_quantizer)]
+        else:
+            continue
+        for kind, q in slots:
+            owners.setdefault(id(q), []).append((kind, module))
     return owners
+
+
+def _layer_role(entries: list[tuple[str, torch.nn.Module]]) -> tuple[str, object]:
+    """The error the local step measures for a quantizer filling the slots ``entries``: through its
+    consumer layer(s) (``input``: Linear inputs sharing one tensor are stacked into one map), through
+    its one attention product (``matmul_a`` / ``matmul_b``), or of the tensor itself."""
+    inputs = [m for kind, m in entries if kind == "input"]
+    if inputs and (len(inputs) == 1 or all(isinstance(m, QuantLinear) for m in inputs)):
+        return "input", inputs
+    if len(entries) == 1 and entries[0][0].startswith("matmul"):
+        return entries[0]
+    return "tensor", None
 
 
 class _LinearError:
@@ -123,12 +139,14 @@ class _LinearError:
         return F.linear(d, self.matrix)
 
 
-def _input_layer(module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The bias-free linear map of a Linear/Conv module on ``[G, B, ...]`` input errors (weights as now quantized)."""
+def _input_layer(modules: list[torch.nn.Module]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The bias-free linear map of the consumer Linear/Conv module(s) on ``[G, B, ...]`` input errors
+    (weights as now quantized; several Linear consumers of one tensor: their weights stacked)."""
     with torch.no_grad():
-        weight = module.quantized_weight().detach().float()
-    if isinstance(module, QuantLinear):
-        return _LinearError(weight)
+        weights = [m.quantized_weight().detach().float() for m in modules]
+    if isinstance(modules[0], QuantLinear):
+        return _LinearError(torch.cat(weights, dim=0))
+    module, weight = modules[0], weights[0]
 
     def conv(d: torch.Tensor) -> torch.Tensor:
         out = module._conv_forward(d.reshape(-1, *d.shape[2:]), weight, None)
@@ -145,9 +163,10 @@ def local_mse_scales(qmodel: QuantizedModel, data: CalibrationData, grid: int = 
     :func:`local_grid_fractions` and scales ``s = c / qmax``. The chosen ``s_i`` minimises the mean
     over the calibration set of ``(layer(x) - layer(fake_quant(x, s)))^2`` where ``x`` is the
     quantizer's FP input (all activation quantizers off; weights quantized as currently set, in both
-    terms) and ``layer`` is: the Linear/Conv module for input quantizers (bias cancels), the
-    identity for LayerNorm output quantizers (tensor MSE), ``a @ b`` with the other operand in float
-    for MatMul operand quantizers, and the identity for quantizers of any other module.
+    terms) and ``layer`` is: the Linear/Conv module for input quantizers (bias cancels; a tensor
+    shared by several Linear inputs, e.g. Q/K/V projections, goes through their stacked weights),
+    the identity for LayerNorm input and output quantizers (tensor MSE), ``a @ b`` with the other
+    operand in float for MatMul operand quantizers, and the identity for quantizers of any other module.
 
     Two passes over the calibration set: one for the maxima, one accumulating the errors of all
     candidates at once (``max_elements`` bounds the candidate chunk size in elements).
@@ -197,7 +216,7 @@ def local_mse_scales(qmodel: QuantizedModel, data: CalibrationData, grid: int = 
     observers: dict[str, Callable] = {}
     matmul_hooks: dict[int, tuple[torch.nn.Module, list]] = {}
     for name in names:
-        role, module = owners.get(id(quantizers[name]), ("tensor", None))
+        role, module = _layer_role(owners.get(id(quantizers[name]), []))
         acc = errors[name]
         if role == "input":
             observers[name] = (lambda acc, layer: lambda x: acc.add(x, layer))(acc, _input_layer(module))

@@ -129,8 +129,8 @@ class Attention(nn.Module):
         self.heads, self.head_dim = heads, dim // heads
         self.scale = self.head_dim ** -0.5
         self.qkv = nn.Linear(dim, 3 * dim)
-        self.qk = MatMul()  # Q @ K^T
-        self.av = MatMul()  # softmax @ V
+        self.qk = MatMul("qk")  # Q @ K^T
+        self.av = MatMul("pv")  # softmax @ V
         self.proj = nn.Linear(dim, dim)
         self.drop = nn.Dropout(dropout)
 
@@ -213,7 +213,7 @@ def load_checkpoint(checkpoint: str | Path) -> dict:
 
 
 def build_kws_ast(checkpoint: Optional[str] = None, tiny: bool = False, labels: Optional[Sequence[str]] = None,
-                  seed: int = 0, skip_quantization: Sequence[str] = (), name: Optional[str] = None,
+                  seed: int = 0, name: Optional[str] = None,
                   **overrides) -> ModelBundle:
     """The KWS AST as a :class:`ModelBundle`.
 
@@ -221,7 +221,6 @@ def build_kws_ast(checkpoint: Optional[str] = None, tiny: bool = False, labels: 
         checkpoint: path to ``kws_ast.pt`` written by :mod:`esc.models.train_kws` (required unless ``tiny``).
         tiny: a very small random-weight model (seeded with ``seed``) for tests; no checkpoint.
         labels: class names of the tiny model (default: the 35 Speech Commands words).
-        skip_quantization: module paths to keep in float (e.g. ``["head"]``).
         overrides: :class:`ASTConfig` fields for the tiny model.
     """
     if tiny:
@@ -250,4 +249,4 @@ def build_kws_ast(checkpoint: Optional[str] = None, tiny: bool = False, labels: 
     model.eval()
     frontend.eval()
     return ModelBundle(name=name, model=model, frontend=frontend, sample_rate=cfg.frontend.sample_rate,
-                       labels=labels, extras=extras, skip_quantization=tuple(skip_quantization))
+                       labels=labels, extras=extras, head=("head",))

@@ -21,7 +21,8 @@ class ModelBundle:
         sample_rate: the rate the front end expects.
         labels: class names for classifiers (index order of the logits), else ``None``.
         extras: anything a task needs to drive this model (a tokenizer, generation settings...).
-        skip_quantization: module paths to leave in float (passed to ``quantize_model``).
+        head: glob patterns of the head modules (classifier, vocabulary projection): their input
+            has the ``head`` role of :mod:`esc.quant.roles`.
     """
 
     name: str
@@ -30,7 +31,7 @@ class ModelBundle:
     sample_rate: int = 16000
     labels: Optional[list[str]] = None
     extras: dict = field(default_factory=dict)
-    skip_quantization: tuple[str, ...] = ()
+    head: tuple[str, ...] = ()
 
 
 def weights_fingerprint(model: nn.Module) -> str:

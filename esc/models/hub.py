@@ -256,7 +256,7 @@ def enable_matmul_attention(hf_model: nn.Module, attention_classes: Sequence[typ
     ALL_MASK_ATTENTION_FUNCTIONS.register(MATMUL_ATTENTION, eager_mask)
     for module in hf_model.modules():
         if isinstance(module, tuple(attention_classes)):
-            module.qk_matmul, module.pv_matmul = MatMul(), MatMul()
+            module.qk_matmul, module.pv_matmul = MatMul("qk"), MatMul("pv")
     hf_model.set_attn_implementation(MATMUL_ATTENTION)
     return hf_model
 
@@ -303,7 +303,7 @@ def _finish(hf_model: nn.Module) -> nn.Module:
 
 # ------------------------------------------------------------------------------ AST
 def _build_ast(name: str, name_or_path: str, tiny: bool, config_overrides: Optional[dict], labels: Optional[Sequence[str]],
-               matmul_attention: bool, skip_quantization: Sequence[str], seed: int, cache_dir: Optional[str],
+               matmul_attention: bool, seed: int, cache_dir: Optional[str],
                activation: str = "none") -> ModelBundle:
     from transformers import ASTConfig, ASTFeatureExtractor, ASTForAudioClassification
     from transformers.models.audio_spectrogram_transformer.modeling_audio_spectrogram_transformer import ASTAttention
@@ -326,12 +326,12 @@ def _build_ast(name: str, name_or_path: str, tiny: bool, config_overrides: Optio
     extras = {"hub_id": None if tiny else name_or_path, "id2label": dict(enumerate(labels)),
               "matmul_attention": matmul_attention, "activation": activation}
     return ModelBundle(name=name, model=LogitsAdapter(_finish(hf), activation=activation), frontend=ASTFrontend(fe).eval(), sample_rate=SAMPLE_RATE,
-                       labels=list(labels), extras=extras, skip_quantization=tuple(skip_quantization))
+                       labels=list(labels), extras=extras, head=("hf.classifier.dense",))
 
 
 def build_ast_speechcommands(name_or_path: str = HUB_IDS["ast_speechcommands"], tiny: bool = False,
                              config_overrides: Optional[dict] = None, matmul_attention: bool = False,
-                             skip_quantization: Sequence[str] = (), seed: int = 0, cache_dir: Optional[str] = None,
+                             seed: int = 0, cache_dir: Optional[str] = None,
                              name: str = "ast_speechcommands") -> ModelBundle:
     """AST fine-tuned on Speech Commands V2 (35 words; hub labels in the checkpoint's ``id2label`` order).
 
@@ -341,16 +341,15 @@ def build_ast_speechcommands(name_or_path: str = HUB_IDS["ast_speechcommands"], 
             Speech Commands words; nothing is downloaded.
         config_overrides: tiny-config fields (tiny) or ``from_pretrained`` keyword arguments.
         matmul_attention: make the attention products quantization points (see the module docstring).
-        skip_quantization: module paths to keep float, e.g. ``["hf.classifier.dense"]``.
     """
     from esc.data.kws import WORDS
 
-    return _build_ast(name, name_or_path, tiny, config_overrides, WORDS, matmul_attention, skip_quantization, seed, cache_dir)
+    return _build_ast(name, name_or_path, tiny, config_overrides, WORDS, matmul_attention, seed, cache_dir)
 
 
 def build_ast_audioset(name_or_path: str = HUB_IDS["ast_audioset"], tiny: bool = False,
                        config_overrides: Optional[dict] = None, labels: Optional[Sequence[str]] = None,
-                       matmul_attention: bool = False, skip_quantization: Sequence[str] = (), seed: int = 0,
+                       matmul_attention: bool = False, seed: int = 0,
                        cache_dir: Optional[str] = None, activation: str = "sigmoid", name: str = "ast_audioset") -> ModelBundle:
     """AST fine-tuned on AudioSet (527 classes, multi-label).
 
@@ -359,7 +358,7 @@ def build_ast_audioset(name_or_path: str = HUB_IDS["ast_audioset"], tiny: bool =
     ``labels`` names the classes of the tiny model (default ``class_0..9``); see
     :func:`build_ast_speechcommands` for the other arguments.
     """
-    return _build_ast(name, name_or_path, tiny, config_overrides, labels, matmul_attention, skip_quantization, seed,
+    return _build_ast(name, name_or_path, tiny, config_overrides, labels, matmul_attention, seed,
                       cache_dir, activation)
 
 
@@ -373,7 +372,7 @@ def _ctc_extras(hf: nn.Module, decoder: CTCGreedyDecoder, hub_id: Optional[str],
 
 
 def _build_ctc(kind: str, name: str, name_or_path: str, tiny: bool, config_overrides: Optional[dict], matmul_attention: bool,
-               skip_quantization: Sequence[str], seed: int, cache_dir: Optional[str]) -> ModelBundle:
+               seed: int, cache_dir: Optional[str]) -> ModelBundle:
     import transformers as tf
 
     if kind == "wav2vec2":
@@ -402,24 +401,24 @@ def _build_ctc(kind: str, name: str, name_or_path: str, tiny: bool, config_overr
         enable_matmul_attention(hf, [attn_cls])
     return ModelBundle(name=name, model=LogitsAdapter(_finish(hf)), frontend=frontend.eval(), sample_rate=SAMPLE_RATE,
                        labels=None, extras=_ctc_extras(hf, decoder, hub_id, matmul_attention),
-                       skip_quantization=tuple(skip_quantization))
+                       head=("hf.lm_head",))
 
 
 def build_wav2vec2_ctc(name_or_path: str = HUB_IDS["wav2vec2_base_960h"], tiny: bool = False,
                        config_overrides: Optional[dict] = None, matmul_attention: bool = False,
-                       skip_quantization: Sequence[str] = (), seed: int = 0, cache_dir: Optional[str] = None,
+                       seed: int = 0, cache_dir: Optional[str] = None,
                        name: str = "wav2vec2_base_960h") -> ModelBundle:
     """wav2vec2-base fine-tuned with CTC on LibriSpeech 960 h; logits ``[B, frames, 32]``, greedy decoding.
 
     ``tiny``: a random ``Wav2Vec2ForCTC`` (:data:`TINY_W2V2`) with the same 32-character vocabulary.
     Other arguments as in :func:`build_ast_speechcommands`.
     """
-    return _build_ctc("wav2vec2", name, name_or_path, tiny, config_overrides, matmul_attention, skip_quantization, seed, cache_dir)
+    return _build_ctc("wav2vec2", name, name_or_path, tiny, config_overrides, matmul_attention, seed, cache_dir)
 
 
 def build_conformer_ctc(name_or_path: str = HUB_IDS["conformer_ctc"], tiny: bool = False,
                         config_overrides: Optional[dict] = None, matmul_attention: bool = False,
-                        skip_quantization: Sequence[str] = (), seed: int = 0, cache_dir: Optional[str] = None,
+                        seed: int = 0, cache_dir: Optional[str] = None,
                         name: str = "conformer_ctc") -> ModelBundle:
     """The paper's Conformer ASR row: ``facebook/wav2vec2-conformer-rope-large-960h-ft``.
 
@@ -428,13 +427,13 @@ def build_conformer_ctc(name_or_path: str = HUB_IDS["conformer_ctc"], tiny: bool
     returns an attention mask, so the front end gives ``{"input_values", "attention_mask"}``.
     ``tiny``: a random ``Wav2Vec2ConformerForCTC`` (:data:`TINY_CONFORMER`).
     """
-    return _build_ctc("conformer", name, name_or_path, tiny, config_overrides, matmul_attention, skip_quantization, seed, cache_dir)
+    return _build_ctc("conformer", name, name_or_path, tiny, config_overrides, matmul_attention, seed, cache_dir)
 
 
 # ------------------------------------------------------------------------------ Whisper
 def build_whisper_hub(name_or_path: str = HUB_IDS["whisper_base_hub"], tiny: bool = False,
                       config_overrides: Optional[dict] = None, encoder_frames: Optional[int] = None,
-                      max_new_tokens: int = 96, skip_quantization: Sequence[str] = (), seed: int = 0,
+                      max_new_tokens: int = 96, seed: int = 0,
                       cache_dir: Optional[str] = None, name: str = "whisper_base_hub") -> ModelBundle:
     """Whisper from the hub (``openai/whisper-base``), driven like the offline Whisper.
 
@@ -491,7 +490,7 @@ def build_whisper_hub(name_or_path: str = HUB_IDS["whisper_base_hub"], tiny: boo
     extras.update(encoder_frames=frames, hub_id=hub_id)
     frontend = whisper.WhisperLogMel(n_mels=hf.config.num_mel_bins, frames=frames)
     return ModelBundle(name=name, model=_finish(hf), frontend=frontend, sample_rate=SAMPLE_RATE, extras=extras,
-                       skip_quantization=tuple(skip_quantization))
+                       head=("proj_out",))
 
 
 BUILDERS = {"ast_speechcommands": build_ast_speechcommands, "ast_audioset": build_ast_audioset,

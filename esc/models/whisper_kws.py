@@ -119,7 +119,7 @@ def build_whisper_kws(head_checkpoint: Optional[str] = None, size: str = "base",
                       head_norm: Optional[bool] = None, download: bool = False, cache: Optional[str] = None,
                       tiny: bool = False, d_model: int = 32, heads: int = 2, layers: int = 2, ffn: int = 64,
                       labels: Optional[Sequence[str]] = None, seed: int = 0,
-                      skip_quantization: Sequence[str] = (), name: Optional[str] = None) -> ModelBundle:
+                      name: Optional[str] = None) -> ModelBundle:
     """Whisper-encoder keyword spotter as a :class:`ModelBundle` (labels = the head's classes).
 
     Args:
@@ -131,7 +131,6 @@ def build_whisper_kws(head_checkpoint: Optional[str] = None, size: str = "base",
         tiny: a random tiny encoder (``d_model``, ``heads``, ``layers``, ``ffn``; through the same
             CTranslate2 conversion, :func:`build_whisper_tiny_random`) and a random head, seeded with
             ``seed``; no files needed. ``labels`` default to the 35 Speech Commands words.
-        skip_quantization: module paths kept in float (e.g. ``["head"]``).
         name: model name in result rows (default ``whisper_kws`` / ``whisper_kws_tiny``).
     """
     if tiny:
@@ -170,5 +169,4 @@ def build_whisper_kws(head_checkpoint: Optional[str] = None, size: str = "base",
         name = name or "whisper_kws"
     frontend = ClipLogMel(n_mels=model.encoder.config.num_mel_bins, frames=frames)
     model.eval()
-    return ModelBundle(name=name, model=model, frontend=frontend, sample_rate=16000, labels=labels, extras=extras,
-                       skip_quantization=tuple(skip_quantization))
+    return ModelBundle(name=name, model=model, frontend=frontend, sample_rate=16000, labels=labels, extras=extras, head=("head",))

@@ -354,7 +354,8 @@ def build_yamnet(onnx_path: Optional[str] = None, class_map: Optional[str] = Non
         onnx_path, class_map = onnx_path or default_onnx, class_map or default_map
     model = load_onnx_weights(YAMNet(pooling=pooling), onnx_path).eval()
     return ModelBundle(name="yamnet", model=model, frontend=YamnetFrontend(mel_matrix=mel_matrix), sample_rate=16000,
-                       labels=read_class_map(class_map), extras={"onnx_path": str(onnx_path), "pooling": pooling})
+                       labels=read_class_map(class_map), extras={"onnx_path": str(onnx_path), "pooling": pooling},
+                       head=("classifier",))
 
 
 def build_yamnet_tiny(width: float = 0.0625, labels: Sequence[str] = TINY_LABELS, seed: int = 0,
@@ -374,7 +375,7 @@ def build_yamnet_tiny(width: float = 0.0625, labels: Sequence[str] = TINY_LABELS
                 m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * math.sqrt(2.0 / fan_in))
                 m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * 0.1)
     return ModelBundle(name="yamnet_tiny", model=model.eval(), frontend=YamnetFrontend(), sample_rate=16000,
-                       labels=list(labels), extras={"pooling": pooling})
+                       labels=list(labels), extras={"pooling": pooling}, head=("classifier",))
 
 
 def float_onnx_model(onnx_path: str | Path):

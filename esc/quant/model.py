@@ -1,24 +1,29 @@
 """Insert quantizers into any ``torch.nn.Module`` and control them as a group.
 
-:func:`quantize_model` deep-copies a float model and swaps every ``nn.Linear``, ``nn.Conv1d``,
-``nn.Conv2d``, ``nn.LayerNorm`` and :class:`~esc.quant.modules.MatMul` for its quantized
-counterpart (see :mod:`esc.quant.modules` for the exact quantization points). The returned
-:class:`QuantizedModel` is an ``nn.Module`` that runs the quantized network and offers switches
-(weight / activation quantization on or off), the list of activation quantizers by name (the
-vector of scales that ESC optimises), and :meth:`QuantizedModel.summary`, a table of every
-quantizer with its bits, granularity, clip range and level utilisation.
+:func:`quantize_model` deep-copies a float model and swaps every module whose type is in the role
+registry (:mod:`esc.quant.roles`: ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``, ``nn.LayerNorm``,
+:class:`~esc.quant.modules.MatMul`) for its quantized counterpart, with an activation quantizer
+on each slot its :class:`~esc.quant.scope.Scope` quantizes. The returned :class:`QuantizedModel`
+is an ``nn.Module`` that runs the quantized network and offers switches (:meth:`QuantizedModel.quant_state`),
+the activation quantizers by name (the vector of scales that ESC optimises, optionally restricted
+to one calibrator's share with :meth:`QuantizedModel.selecting`), one quantizer per tensor
+(:meth:`QuantizedModel.share_quantizers`), and :meth:`QuantizedModel.summary`, a table of every
+quantizer with its role, bits, granularity, clip range and level utilisation.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 from torch import nn
 
-from esc.quant.modules import MatMul, QuantConv1d, QuantConv2d, QuantLayerNorm, QuantLinear, QuantMatMul
-from esc.quant.quantizer import UniformQuantizer
+from esc.quant.modules import QuantLayerNorm, QuantLinear
+from esc.quant.quantizer import Log2Quantizer, UniformQuantizer
+from esc.quant.roles import REGISTRY, slot_roles
+from esc.quant.scope import Scope, full_scope
 
 
 @dataclass(frozen=True)
@@ -58,20 +63,40 @@ class QuantizedModel(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+        self._selection: Optional[frozenset[str]] = None
 
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
 
     # ---------------------------------------------------------------------------- quantizers
     def _quantizers(self, kind: str) -> Iterator[tuple[str, UniformQuantizer]]:
-        for name, module in self.model.named_modules():
+        for name, module in self.model.named_modules():  # a shared quantizer is listed once
             if isinstance(module, UniformQuantizer) and (name.endswith("weight_quantizer") == (kind == "weight")):
-                yield name, module
+                yield (module.name or name), module
+
+    @property
+    def all_activation_quantizers(self) -> dict[str, UniformQuantizer]:
+        """Every activation quantizer by name, in forward-definition order."""
+        return dict(self._quantizers("activation"))
 
     @property
     def activation_quantizers(self) -> dict[str, UniformQuantizer]:
-        """Activation quantizers by module path, in forward-definition order (the ESC scale vector)."""
-        return dict(self._quantizers("activation"))
+        """The activation quantizers a calibrator works on (the ESC scale vector): all of them, or
+        the ones chosen with :meth:`selecting`."""
+        quantizers = self.all_activation_quantizers
+        if self._selection is None:
+            return quantizers
+        return {n: q for n, q in quantizers.items() if n in self._selection}
+
+    @contextlib.contextmanager
+    def selecting(self, names: Iterable[str]):
+        """Restrict :attr:`activation_quantizers` to ``names`` inside the block (the other quantizers
+        keep their state), so a calibrator sets only its share of a scope."""
+        previous, self._selection = self._selection, frozenset(names)
+        try:
+            yield self
+        finally:
+            self._selection = previous
 
     @property
     def weight_quantizers(self) -> dict[str, UniformQuantizer]:
@@ -80,10 +105,68 @@ class QuantizedModel(nn.Module):
 
     def set_quant_state(self, weights: bool | None = None, activations: bool | None = None) -> None:
         """Turn weight and/or activation quantization on or off (``None`` leaves it as is)."""
-        for flag, quantizers in ((weights, self.weight_quantizers), (activations, self.activation_quantizers)):
+        for flag, quantizers in ((weights, self.weight_quantizers), (activations, self.all_activation_quantizers)):
             if flag is not None:
                 for q in quantizers.values():
                     q.enabled = flag
+
+    @contextlib.contextmanager
+    def quant_state(self, weights: bool | None = None, activations: bool | None = None,
+                    observers: Optional[dict[str, Callable]] = None):
+        """Inside the block: weight / activation quantization on or off (``None``: unchanged) and
+        ``observers`` (name -> callable) attached to those activation quantizers; on exit every
+        quantizer's ``enabled`` flag and observer are restored, also after an exception."""
+        quantizers = {**self.all_activation_quantizers, **self.weight_quantizers}
+        saved = {n: (q.enabled, q.observer) for n, q in quantizers.items()}
+        try:
+            self.set_quant_state(weights, activations)
+            for name, fn in (observers or {}).items():
+                quantizers[name].observer = fn
+            yield self
+        finally:
+            for n, (enabled, observer) in saved.items():
+                quantizers[n].enabled, quantizers[n].observer = enabled, observer
+
+    def share_quantizers(self, run: Callable[[], None]) -> list[list[str]]:
+        """One quantizer per tensor: slots that read the very same tensor share one quantizer.
+
+        ``run()`` runs one forward pass (a small calibration batch); with activation quantization
+        off, each quantizer's first input is identified by its storage, offset, shape and stride.
+        Quantizers that saw the same tensor (a LayerNorm output and the inputs of the Q/K/V
+        projections it feeds) become one: the member with the most bits (then one set by the run's
+        calibrator, then the first) is kept in every slot, takes the run's calibrator if any
+        member had it, and is marked ``shared``. Returns the merged groups (kept name first).
+        """
+        quantizers = self.all_activation_quantizers
+        first: dict[str, tuple] = {}
+        alive = []  # holds the traced tensors so no storage is reused during the pass
+
+        def observer(name: str) -> Callable[[torch.Tensor], None]:
+            def see(x: torch.Tensor) -> None:
+                if name not in first:
+                    alive.append(x)
+                    first[name] = (x.untyped_storage().data_ptr(), x.storage_offset(), tuple(x.shape), tuple(x.stride()), x.dtype)
+            return see
+
+        with self.quant_state(activations=False, observers={n: observer(n) for n in quantizers}), torch.no_grad():
+            run()
+        by_tensor: dict[tuple, list[str]] = {}
+        for name in quantizers:
+            if name in first:
+                by_tensor.setdefault(first[name], []).append(name)
+        groups = []
+        for names in (g for g in by_tensor.values() if len(g) > 1):
+            order = sorted(names, key=lambda n: (-quantizers[n].bits, quantizers[n].calibrator is not None, names.index(n)))
+            keep = quantizers[order[0]]
+            if any(quantizers[n].calibrator is None for n in names):
+                keep.calibrator = None
+            keep.shared = True
+            for n in order[1:]:
+                parent, _, attr = n.rpartition(".")
+                setattr(self.model.get_submodule(parent), attr, keep)
+            groups.append(order)
+        self._shared = {g[0]: g[1:] for g in groups}
+        return groups
 
     def calibrate_weights(self, method: str = "minmax") -> None:
         """Set every weight quantizer's scale from its weight (``minmax`` or ``mse``)."""
@@ -115,11 +198,11 @@ class QuantizedModel(nn.Module):
     def activation_state(self) -> dict[str, dict]:
         """Everything calibration set on the activation quantizers: per name, grid sign, scale, zero point."""
         return {name: {"signed": q.signed, "scale": q.scale.detach().cpu().clone(), "zero_point": q.zero_point.detach().cpu().clone()}
-                for name, q in self.activation_quantizers.items()}
+                for name, q in self.all_activation_quantizers.items()}
 
     def load_activation_state(self, state: dict[str, dict]) -> None:
         """Restore :meth:`activation_state` (the quantizer names must match this model's)."""
-        quantizers = self.activation_quantizers
+        quantizers = self.all_activation_quantizers
         if set(state) != set(quantizers):
             raise ValueError(f"activation state names {len(state)} quantizers, this model has {len(quantizers)}; "
                              f"missing {sorted(set(quantizers) - set(state))[:3]}, unknown {sorted(set(state) - set(quantizers))[:3]}")
@@ -130,7 +213,7 @@ class QuantizedModel(nn.Module):
     # ------------------------------------------------------------------------------- listing
     def measure_level_utilisation(self, batches: Iterable, forward) -> None:
         """Run ``forward(self, batch)`` over ``batches`` counting the integer levels each quantizer hits."""
-        quantizers = [*self.activation_quantizers.values(), *self.weight_quantizers.values()]
+        quantizers = [*self.all_activation_quantizers.values(), *self.weight_quantizers.values()]
         for q in quantizers:
             q.track_levels(True)
         with torch.no_grad():
@@ -145,64 +228,71 @@ class QuantizedModel(nn.Module):
             q.track_levels(False)
 
     def summary(self) -> list[dict]:
-        """One row per quantizer: name, kind, bits, signed, granularity, clip range, level utilisation."""
+        """One row per quantizer: name, kind, role, bits, grid, signed, granularity, calibrator (``None``:
+        the run's), the slots it shares, clip range, level utilisation."""
         util = getattr(self, "_utilisation", {})
+        shared = getattr(self, "_shared", {})
         rows = []
-        for kind, quantizers in (("activation", self.activation_quantizers), ("weight", self.weight_quantizers)):
+        for kind, quantizers in (("activation", self.all_activation_quantizers), ("weight", self.weight_quantizers)):
             for name, q in quantizers.items():
                 lo, hi = q.clip_range if q.is_calibrated else (torch.tensor(float("nan")),) * 2
-                rows.append(dict(name=name, kind=kind, bits=q.bits, signed=q.signed, granularity=q.granularity,
+                rows.append(dict(name=name, kind=kind, role=q.role or "weight", bits=q.bits,
+                                 grid="log2" if isinstance(q, Log2Quantizer) else "uniform", signed=q.signed,
+                                 granularity=q.granularity, calibrator=q.calibrator, shares=shared.get(name, []),
                                  clip_lo=float(lo.min()), clip_hi=float(hi.max()),
                                  level_utilisation=util.get(id(q), float("nan"))))
         return rows
 
 
 def quantize_model(model: nn.Module, weight: QuantSpec | None = QuantSpec(8, True, "channel"),
-                   activation: QuantSpec | None = QuantSpec(8, True, "tensor"),
-                   quantize_layernorm: bool = True, quantize_matmul: bool = True,
-                   skip: Iterable[str] = ()) -> QuantizedModel:
+                   activation: QuantSpec | None = QuantSpec(8, True, "tensor"), scope: Scope | None = None,
+                   head: Iterable[str] = ()) -> QuantizedModel:
     """Return a quantized deep copy of ``model``.
 
     Args:
         weight: spec of the weight quantizers (``None``: weights stay float). Weights are
             calibrated here with per-channel/tensor max; call :meth:`QuantizedModel.calibrate_weights`
             to change that.
-        activation: spec of the activation quantizers (``None``: activations stay float).
+        activation: sign mode and granularity of the activation quantizers, and the bit width a
+            scope's ``"activation"`` bits stand for (``None``: activations stay float).
             Activation quantizers start uncalibrated: run a calibrator before quantized inference.
-        quantize_layernorm / quantize_matmul: include LayerNorm outputs / attention matmul operands.
-        skip: module paths (exact names) to leave in float, e.g. a classification head.
+        scope: which slots get an activation quantizer, with which bits, grid and calibrator
+            (:mod:`esc.quant.scope`; ``None``: :func:`~esc.quant.scope.full_scope`). Call
+            :meth:`QuantizedModel.share_quantizers` afterwards for one quantizer per tensor.
+        head: glob patterns of the model's head modules (their input has the ``head`` role).
 
     Limitation: ``nn.MultiheadAttention`` runs its projections through functional kernels on the
     raw parameters, so neither its in/out projections nor its products are quantization points;
     write attention with ``nn.Linear`` and :class:`~esc.quant.modules.MatMul` (as the models here do).
     """
     model = copy.deepcopy(model)
-    skip = set(skip)
-    off = QuantSpec(8)  # placeholder spec for disabled quantizers (keeps one code path)
+    scope = scope or full_scope(activation.bits if activation is not None else None)
+    base = activation or QuantSpec(8)
+    off = QuantSpec(8)  # placeholder spec for disabled weight quantizers (keeps one code path)
 
-    def act(name: str) -> UniformQuantizer:
-        q = (activation or off).build(name)
-        q.enabled = activation is not None
-        return q
-
-    def wq(name: str, axis: int = 0) -> UniformQuantizer:
-        q = (weight or off).build(name, axis)
-        q.enabled = weight is not None
+    def act(module: str, slot: str, role: str) -> UniformQuantizer | None:
+        spec = scope.spec(module, role)
+        if spec.bits is None or activation is None:
+            return None
+        name = f"{module}.{slot}_quantizer"
+        q = Log2Quantizer(spec.bits, name) if spec.grid == "log2" else \
+            UniformQuantizer(spec.bits, base.symmetric, True, base.granularity, 0, name)
+        q.role, q.calibrator = role, spec.calibrator
         return q
 
     swaps = []
     for name, module in model.named_modules():
-        if name in skip:
+        op = REGISTRY.get(type(module))
+        if op is None or scope.skipped(name):
             continue
-        if type(module) is nn.Linear:
-            swaps.append((name, QuantLinear.from_float(module, act(f"{name}.input_quantizer"), wq(f"{name}.weight_quantizer"))))
-        elif type(module) in (nn.Conv1d, nn.Conv2d):
-            cls = QuantConv1d if type(module) is nn.Conv1d else QuantConv2d
-            swaps.append((name, cls.from_float(module, act(f"{name}.input_quantizer"), wq(f"{name}.weight_quantizer"))))
-        elif type(module) is nn.LayerNorm and quantize_layernorm:
-            swaps.append((name, QuantLayerNorm.from_float(module, act(f"{name}.output_quantizer"))))
-        elif type(module) is MatMul and quantize_matmul:
-            swaps.append((name, QuantMatMul(act(f"{name}.a_quantizer"), act(f"{name}.b_quantizer"))))
+        slots = {slot: q for slot, role in slot_roles(name, module, head).items() if (q := act(name, slot, role)) is not None}
+        if not slots and not (op.has_weight and weight is not None):
+            continue
+        wq = None
+        if op.has_weight:
+            wq = (weight or off).build(f"{name}.weight_quantizer")
+            wq.enabled = weight is not None
+        swaps.append((name, op.quantized.from_float(module, slots, wq)))
     for name, new in swaps:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)

@@ -7,10 +7,14 @@ plus the attention matmuls of transformer blocks):
   input activation, ``weight_quantizer`` on the weight (per-channel along the output axis by
   default). Parameters are shared with the float module they replace, so state-dict names and
   in-place weight edits (PTQ) carry over.
-* :class:`QuantLayerNorm`: ``output_quantizer`` on the normalised output.
+* :class:`QuantLayerNorm`: ``input_quantizer`` on its input (the residual stream of a pre-norm
+  transformer) and ``output_quantizer`` on the normalised output.
 * :class:`QuantMatMul`: ``a_quantizer`` and ``b_quantizer`` on both operands of a :class:`MatMul`.
   Models expose their attention products ``Q @ K^T`` and ``softmax @ V`` as :class:`MatMul`
   modules (a float model is unaffected: ``MatMul`` is just ``torch.matmul``).
+
+A slot that its scope leaves in float holds an ``nn.Identity`` instead of a quantizer (see
+:mod:`esc.quant.roles` for the role of each slot).
 
 The quantized weight is cached while gradients are off (calibration, evaluation), keyed by the
 weight's storage, version counter and the weight quantizer's scale and zero point tensors, so it is recomputed only
@@ -27,8 +31,24 @@ from torch import nn
 from esc.quant.quantizer import UniformQuantizer
 
 
+PRODUCTS = ("qk", "pv")
+
+
 class MatMul(nn.Module):
-    """``torch.matmul`` as a module, so the attention products become quantization points."""
+    """``torch.matmul`` as a module, so the attention products become quantization points.
+
+    ``product`` says which attention product it is: ``"qk"`` (scores ``Q @ K^T``) or ``"pv"``
+    (softmax probabilities times ``V``); it decides the roles of its operands.
+    """
+
+    def __init__(self, product: str) -> None:
+        super().__init__()
+        if product not in PRODUCTS:
+            raise ValueError(f"MatMul product {product!r} is not one of {PRODUCTS}")
+        self.product = product
+
+    def extra_repr(self) -> str:
+        return f"product={self.product!r}"
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.matmul(a, b)
@@ -65,13 +85,14 @@ class QuantLinear(nn.Linear, _WeightQuantMixin):
     """``nn.Linear`` with input-activation and weight quantizers."""
 
     @classmethod
-    def from_float(cls, module: nn.Linear, act: UniformQuantizer, weight: UniformQuantizer) -> "QuantLinear":
-        """Wrap ``module``, sharing its parameters."""
+    def from_float(cls, module: nn.Linear, quantizers: dict[str, UniformQuantizer], weight: UniformQuantizer) -> "QuantLinear":
+        """Wrap ``module``, sharing its parameters (``quantizers``: slot -> activation quantizer)."""
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.in_features, new.out_features = module.in_features, module.out_features
         new.weight, new.bias = module.weight, module.bias
-        new.input_quantizer, new.weight_quantizer = act, weight
+        new.input_quantizer = quantizers.get("input", nn.Identity())
+        new.weight_quantizer = weight
         new._init_cache()
         return new
 
@@ -81,14 +102,15 @@ class QuantLinear(nn.Linear, _WeightQuantMixin):
 
 class _QuantConvMixin(_WeightQuantMixin):
     @classmethod
-    def from_float(cls, module: nn.Module, act: UniformQuantizer, weight: UniformQuantizer):
+    def from_float(cls, module: nn.Module, quantizers: dict[str, UniformQuantizer], weight: UniformQuantizer):
         """Wrap a float convolution, sharing its parameters and hyper-parameters."""
         new = cls.__new__(cls)
         new.__dict__.update({k: v for k, v in module.__dict__.items() if k not in ("_parameters", "_buffers", "_modules")})
         new._parameters = dict(module._parameters)
         new._buffers = dict(module._buffers)
         new._modules = dict(module._modules)
-        new.input_quantizer, new.weight_quantizer = act, weight
+        new.input_quantizer = quantizers.get("input", nn.Identity())
+        new.weight_quantizer = weight
         new._init_cache()
         return new
 
@@ -105,28 +127,33 @@ class QuantConv2d(_QuantConvMixin, nn.Conv2d):
 
 
 class QuantLayerNorm(nn.LayerNorm):
-    """``nn.LayerNorm`` whose output is quantized."""
+    """``nn.LayerNorm`` with input and output quantizers."""
 
     @classmethod
-    def from_float(cls, module: nn.LayerNorm, act: UniformQuantizer) -> "QuantLayerNorm":
+    def from_float(cls, module: nn.LayerNorm, quantizers: dict[str, UniformQuantizer], weight: None = None) -> "QuantLayerNorm":
         """Wrap ``module``, sharing its parameters."""
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.normalized_shape, new.eps, new.elementwise_affine = module.normalized_shape, module.eps, module.elementwise_affine
         new.weight, new.bias = module.weight, module.bias
-        new.output_quantizer = act
+        new.input_quantizer = quantizers.get("input", nn.Identity())
+        new.output_quantizer = quantizers.get("output", nn.Identity())
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.output_quantizer(super().forward(x))
+        return self.output_quantizer(super().forward(self.input_quantizer(x)))
 
 
 class QuantMatMul(MatMul):
     """:class:`MatMul` with both operands quantized."""
 
-    def __init__(self, a: UniformQuantizer, b: UniformQuantizer) -> None:
-        super().__init__()
-        self.a_quantizer, self.b_quantizer = a, b
+    @classmethod
+    def from_float(cls, module: MatMul, quantizers: dict[str, UniformQuantizer], weight: None = None) -> "QuantMatMul":
+        """Wrap ``module`` (its ``product`` is kept)."""
+        new = cls(module.product)
+        new.a_quantizer = quantizers.get("a", nn.Identity())
+        new.b_quantizer = quantizers.get("b", nn.Identity())
+        return new
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.matmul(self.a_quantizer(a), self.b_quantizer(b))

@@ -12,6 +12,7 @@ calibration batch repeated ``P`` times along dim 0 and slice ``p`` is quantized 
 """
 from __future__ import annotations
 
+import weakref
 from typing import Callable, Optional
 
 import torch
@@ -86,7 +87,10 @@ class UniformQuantizer(nn.Module):
         name: the quantizer's name in its model (used in every error message).
 
     Modes: ``enabled=False`` passes ``x`` through unchanged. ``observer`` (a callable) sees every
-    input before quantization; calibrators use it to collect statistics.
+    input before quantization; calibrators use it to collect statistics. A ``shared`` quantizer
+    (one tensor read by several quantized slots, see :meth:`esc.quant.model.QuantizedModel.share_quantizers`)
+    returns its last output again when the same tensor (or that output) comes back, so the tensor
+    is rounded and observed once.
     """
 
     def __init__(self, bits: int = 8, symmetric: bool = True, signed: bool = True,
@@ -106,6 +110,10 @@ class UniformQuantizer(nn.Module):
         self.register_buffer("scale", torch.empty(0))
         self.register_buffer("zero_point", torch.empty(0))
         self._level_counts: Optional[torch.Tensor] = None
+        self.role = ""  # its op role (esc.quant.roles) when inserted by a scope
+        self.calibrator: Optional[str] = None  # a fixed calibrator for it (None: the run's calibrator)
+        self.shared = False  # True when several slots read the same tensor through this quantizer
+        self._memo: Optional[tuple] = None
 
     # ----------------------------------------------------------------------------------- state
     @property
@@ -177,6 +185,17 @@ class UniformQuantizer(nn.Module):
 
     # --------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.shared:
+            memo = self._memo
+            out = memo[1]() if memo is not None else None
+            if out is not None and ((x is memo[0]() and x._version == memo[2]) or (x is out and x._version == memo[3])):
+                return out
+        out = self._quantize_input(x)
+        if self.shared:  # the same tensor reaching this quantizer again (another consumer) is rounded once
+            self._memo = (weakref.ref(x), weakref.ref(out), x._version, out._version)
+        return out
+
+    def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.observer is not None:
             self.observer(x.detach())
         if not self.enabled:
@@ -191,12 +210,19 @@ class UniformQuantizer(nn.Module):
             shape = (pop, -1) + (1,) * (x.dim() - 1)
             xs = x.reshape(pop, x.shape[0] // pop, *x.shape[1:])
             zp = None if self.symmetric else self.zero_point.view(shape)  # symmetric: zero point is 0
-            out = fake_quantize(xs, self.scale.view(shape), zp, self.qmin, self.qmax)
-            return out.reshape(x.shape)
+            return self.fake_quantize(xs, self.scale.view(shape), zp).reshape(x.shape)
         scale, zero_point = self._broadcast(x)
         if self._level_counts is not None:
             self._count_levels(x, scale, zero_point)
-        return fake_quantize(x, scale, None if self.symmetric else zero_point, self.qmin, self.qmax)
+        return self.fake_quantize(x, scale, None if self.symmetric else zero_point)
+
+    def fake_quantize(self, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None) -> torch.Tensor:
+        """Quantize-dequantize ``x`` on this quantizer's grid (uniform: :func:`fake_quantize`)."""
+        return fake_quantize(x, scale, zero_point, self.qmin, self.qmax)
+
+    def levels(self, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+        """The integer level of each value of ``x`` (for level utilisation)."""
+        return torch.clamp(torch.round(x.detach() / scale) + zero_point, self.qmin, self.qmax).long()
 
     def _broadcast(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.granularity == "tensor" or self.scale.dim() == 0:
@@ -216,7 +242,7 @@ class UniformQuantizer(nn.Module):
         self._level_counts = torch.zeros(self.qmax - self.qmin + 1, dtype=torch.long) if on else None
 
     def _count_levels(self, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
-        q = torch.clamp(torch.round(x.detach() / scale) + zero_point, self.qmin, self.qmax).long() - self.qmin
+        q = self.levels(x, scale, zero_point) - self.qmin
         self._level_counts += torch.bincount(q.flatten().cpu(), minlength=self._level_counts.numel())
 
     @property
@@ -225,6 +251,46 @@ class UniformQuantizer(nn.Module):
         if self._level_counts is None or self._level_counts.sum() == 0:
             return float("nan")
         return float((self._level_counts > 0).float().mean())
+
+
+class Log2Quantizer(UniformQuantizer):
+    """Logarithmic quantizer for non-negative tensors such as softmax probabilities (FQ-ViT, Lin et al.,
+    IJCAI 2022, its ``Log2Quantizer``; RepQ-ViT's log-sqrt(2) variant is a change of base).
+
+    Definition: with scale ``s`` (the clip, i.e. the largest representable value) and ``b`` bits,
+    ``q = round(-log2(x / s))``; values with ``q >= 2^b`` (and exact zeros) map to 0, the others to
+    ``s * 2^(-max(q, 0))``. Levels are powers of two below ``s``, so a probability row keeps its
+    small entries that a uniform 8-bit grid (step ``s / 255``) rounds to zero. Gradients pass straight
+    through. Calibrators set ``s`` from the clip (max calibration gives ``s = max x``); a negative
+    input is an error.
+    """
+
+    def __init__(self, bits: int = 8, name: str = "") -> None:
+        super().__init__(bits, True, False, "tensor", 0, name)
+
+    def set_clip_range(self, lo: torch.Tensor | float, hi: torch.Tensor | float | None = None) -> None:
+        """Set the scale to the clip ``hi`` (or ``lo`` alone)."""
+        self.set_scale(torch.as_tensor(hi if hi is not None else lo, dtype=torch.float32).abs())
+
+    def set_signed(self, signed: bool) -> None:
+        """A log2 grid is unsigned; asking for a signed one is an error."""
+        if signed:
+            raise QuantizationError(f"quantizer {self.name!r}: a log2 grid is for non-negative tensors only")
+
+    @property
+    def clip_range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self._require_calibrated()
+        return torch.zeros_like(self.scale), self.scale
+
+    def fake_quantize(self, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None) -> torch.Tensor:
+        if bool((x < 0).any()):
+            raise QuantizationError(f"quantizer {self.name!r}: the log2 grid got negative inputs; use it for probabilities only")
+        q = torch.round(-torch.log2(x.detach() / scale))
+        out = torch.where(q >= 2**self.bits, torch.zeros_like(x), scale * torch.exp2(-q.clamp(min=0)))
+        return x + (out - x).detach()
+
+    def levels(self, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+        return torch.round(-torch.log2(x.detach() / scale)).clamp(0, self.qmax).nan_to_num(self.qmax).long()
 
 
 def check_finite(x: torch.Tensor, name: str) -> None:

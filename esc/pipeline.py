@@ -1,0 +1,226 @@
+"""The stages of one run, shared by :mod:`esc.run` and the analyses.
+
+``prepare`` (build model and task) -> FP32 metrics (cached) -> calibration set -> "before" PTQ ->
+``quantize`` (insert the scope's quantizers, one per tensor, calibrate weights) -> ``calibrate``
+(fixed-calibrator roles, then the run's calibrator on its share; cached) -> "after" PTQ ->
+evaluate. :func:`execute` chains them; the analyses call the stages they need.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import random
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.utils import get_object, instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from esc.calibrators import BY_NAME
+from esc.calibrators.base import CalibrationData, take_batch, use_unsigned_for_nonnegative
+from esc.models.base import ModelBundle, weights_fingerprint
+from esc.models.checkpoint import save_checkpoint
+from esc.quant.model import QuantizedModel, QuantSpec, quantize_model
+from esc.quant.scope import Scope, build_scope
+from esc.results import portable, read_row, run_key, write_json_atomic
+
+log = logging.getLogger("esc.pipeline")
+
+AXES = ("model", "task", "precision", "scope", "calibrator", "ptq", "calibration")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def path_roots(cfg: DictConfig) -> dict[str, str]:
+    """The configured directories (``paths.root``, ``paths.data``, ...) as absolute paths, for :func:`esc.results.portable`."""
+    return {f"paths.{k}": str(Path(v).resolve()) for k, v in OmegaConf.to_container(cfg.paths, resolve=True).items()}
+
+
+def run_axes(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config axes that define a run (and its key), with paths made portable.
+
+    For FP32 the calibrator, scope and PTQ method play no role, and for weight-only precisions
+    the calibrator and scope play none: they are recorded as ``none`` so equivalent runs share one key.
+    """
+    roots = path_roots(cfg)
+    axes = {k: portable(OmegaConf.to_container(cfg[k], resolve=True), roots) for k in AXES}
+    axes["seed"] = cfg.seed
+    if cfg.precision.activation is None:
+        axes["calibrator"] = axes["scope"] = "none"
+    if cfg.precision.weight is None and cfg.precision.activation is None:
+        axes["ptq"] = "none"
+        axes["calibration"] = "none"
+    return axes
+
+
+def component_name(node: Any) -> str:
+    """Short name of a configured component: its ``name`` field, else the ``name`` attribute of its
+    ``_target_`` (calibrators, PTQ methods), else the target's name in lower case without ``build_``."""
+    if not isinstance(node, dict):
+        return str(node)
+    if "name" in node:
+        return str(node["name"])
+    target = node.get("_target_")
+    if not target:
+        return "none"
+    return str(getattr(get_object(target), "name", None) or target.rsplit(".", 1)[-1].lower().removeprefix("build_"))
+
+
+def quant_spec(node: DictConfig | None) -> QuantSpec | None:
+    """A :class:`QuantSpec` from a precision sub-config (``None`` = stays float)."""
+    return None if node is None else QuantSpec(int(node.bits), bool(node.symmetric), str(node.granularity))
+
+
+def scope_of(cfg: DictConfig) -> Scope:
+    """The run's :class:`~esc.quant.scope.Scope`, its ``activation`` bits resolved from the precision."""
+    bits = None if cfg.precision.activation is None else int(cfg.precision.activation.bits)
+    return build_scope(OmegaConf.to_container(cfg.scope, resolve=True), bits)
+
+
+def prepare(cfg: DictConfig):
+    """Seed, set threads, build the model bundle and the task (data prepared for this model)."""
+    seed_everything(int(cfg.seed))
+    if cfg.torch_threads:
+        torch.set_num_threads(int(cfg.torch_threads))
+    bundle = instantiate(cfg.model)
+    task = instantiate(cfg.task)
+    task.prepare(bundle)
+    return bundle, task
+
+
+def fp32_metrics(cfg: DictConfig, axes: dict[str, Any], task, bundle, weights: str) -> dict[str, float]:
+    """FP32 metrics of the model on the task, cached per model config, ``weights`` fingerprint, task
+    config, data content and seed under ``paths.cache``."""
+    key = run_key({"model": axes["model"], "weights": weights, "task": axes["task"], "data": task.data_hashes,
+                   "seed": axes["seed"]})
+    path = Path(cfg.paths.cache) / "fp32" / f"{key}.json"
+    cached = read_row(path)
+    if cached is not None:
+        log.info("FP32 metrics from cache %s", path)
+        return cached
+    log.info("Evaluating the FP32 model")
+    metrics = task.evaluate(bundle.model)
+    write_json_atomic(path, {**metrics, "per_sample": {k: np.asarray(v).tolist() for k, v in metrics.get("per_sample", {}).items()}})
+    return metrics
+
+
+def quantize(cfg: DictConfig, bundle: ModelBundle, float_model: torch.nn.Module, data: CalibrationData) -> QuantizedModel:
+    """Insert the scope's quantizers into ``float_model`` (one quantizer per tensor when the scope
+    asks, traced on one calibration sample) and calibrate the weights."""
+    scope = scope_of(cfg)
+    qmodel = quantize_model(float_model, weight=quant_spec(cfg.precision.weight), activation=quant_spec(cfg.precision.activation),
+                            scope=scope, head=bundle.head)
+    if scope.one_quantizer_per_tensor and qmodel.all_activation_quantizers:
+        groups = qmodel.share_quantizers(lambda: data.forward(qmodel, take_batch(data.batches[0], 1)))
+        log.info("Scope %s: %d activation quantizers (%d tensors read by several slots quantized once)",
+                 scope.name, len(qmodel.all_activation_quantizers), len(groups))
+    if cfg.precision.weight is not None:
+        qmodel.calibrate_weights(cfg.calibration.weights)
+    return qmodel
+
+
+def run_share(qmodel: QuantizedModel) -> list[str]:
+    """Names of the activation quantizers the run's calibrator sets (the scope fixes no calibrator for them)."""
+    return [n for n, q in qmodel.all_activation_quantizers.items() if q.calibrator is None]
+
+
+def calibration_path(cfg: DictConfig, axes: dict[str, Any], ptq_stage: str, weights: str, data: dict[str, str]) -> Path:
+    """Cache file of an activation calibration, keyed by everything it depends on: the run axes
+    without an "after" PTQ method, the float model's ``weights`` fingerprint and the ``data`` hashes."""
+    key = run_key({**{k: axes[k] for k in ("model", "task", "precision", "scope", "calibrator", "calibration", "seed")},
+                   "ptq": axes["ptq"] if ptq_stage == "before" else "none", "weights": weights, "data": data})
+    return Path(cfg.paths.cache) / "calibration" / f"{key}.pt"
+
+
+def calibrate(cfg: DictConfig, qmodel: QuantizedModel, data: CalibrationData, task, path: Path) -> dict[str, Any]:
+    """Calibrate every activation quantizer, or restore the grids and scales of an identical earlier
+    calibration cached at ``path`` (runs differing only in an "after" PTQ method share one).
+
+    Order: unsigned grids for non-negative inputs (when the precision asks); then each role's fixed
+    calibrator (e.g. max) on its quantizers, with every other activation in float; then the run's
+    calibrator on the remaining quantizers, with the fixed ones quantized (so ESC's fitness sees
+    the whole quantized model). Seconds, forward passes and history are those of the run's calibrator.
+    """
+    if path.is_file():
+        cached = torch.load(path, weights_only=False)
+        qmodel.load_activation_state(cached["state"])  # grids (signed/unsigned) included
+        log.info("Activation scales from an identical earlier calibration (%s; it took %.1f s)", path, cached["result"]["seconds"])
+        return {**cached["result"], "cached": True}
+    if cfg.precision.activation.get("unsigned_nonnegative", False):
+        unsigned = use_unsigned_for_nonnegative(qmodel, data)
+        log.info("%d non-negative activations get an unsigned grid: %s", len(unsigned), ", ".join(unsigned))
+    fixed: dict[str, list[str]] = defaultdict(list)
+    for name, q in qmodel.all_activation_quantizers.items():
+        if q.calibrator is not None:
+            fixed[q.calibrator].append(name)
+    with qmodel.quant_state(activations=False):
+        for name, members in fixed.items():
+            if name not in BY_NAME:
+                raise ValueError(f"scope {cfg.scope.name}: unknown role calibrator {name!r}; use one of {sorted(BY_NAME)} or null")
+            log.info("Calibrating %d activation quantizers with %s (fixed by the scope)", len(members), name)
+            with qmodel.selecting(members):
+                BY_NAME[name]().calibrate(qmodel, data)
+    own = run_share(qmodel)
+    calibrator = instantiate(cfg.calibrator)
+    if cfg.calibration.monitor_every and hasattr(calibrator, "monitor"):  # ESC: test metric along the search
+        calibrator.monitor_every = int(cfg.calibration.monitor_every)
+        calibrator.monitor = lambda: task.evaluate(qmodel)[task.metric]
+    log.info("Calibrating %d activation quantizers with %s on %d samples", len(own), type(calibrator).__name__, data.num_samples)
+    with qmodel.selecting(own):
+        res = calibrator.calibrate(qmodel, data) if own else None
+    result = {"seconds": res.seconds if res else 0.0, "forward_passes": res.forward_passes if res else 0,
+              "history": res.history if res else {}}
+    save_checkpoint({"state": qmodel.activation_state(), "result": result}, path)
+    return {**result, "cached": False}
+
+
+def execute(cfg: DictConfig, axes: dict[str, Any]) -> dict[str, Any]:
+    """Run one configuration and return its result row (without provenance)."""
+    log.info("Building model %s and task %s", component_name(axes["model"]), component_name(axes["task"]))
+    bundle, task = prepare(cfg)
+    weights = weights_fingerprint(bundle.model)
+    fp = fp32_metrics(cfg, axes, task, bundle, weights)
+    row: dict[str, Any] = {"fp32_metrics": fp, "weights_fingerprint": weights, "data_hashes": dict(task.data_hashes),
+                           "calib_seconds": 0.0, "calibration_cached": False, "ptq_seconds": 0.0, "forward_passes": 0,
+                           "n_act_quantizers": 0, "n_weight_quantizers": 0, "calib_samples": 0, "history": {}, "quantizers": []}
+    if cfg.precision.weight is None and cfg.precision.activation is None:
+        return {**row, "metrics": fp, "task_obj": task}
+
+    data = task.calibration_data(int(cfg.calibration.num_samples), int(cfg.calibration.seed))
+    ptq = instantiate(cfg.ptq)
+    float_model = bundle.model
+    start = time.perf_counter()
+    if ptq.stage == "before":
+        log.info("PTQ %s on the float model", ptq.name)
+        float_model = copy.deepcopy(float_model)
+        ptq.apply(float_model, data)
+    ptq_seconds = time.perf_counter() - start
+    qmodel = quantize(cfg, bundle, float_model, data)
+    if cfg.precision.activation is not None:
+        cache = calibration_path(cfg, axes, ptq.stage, weights, task.data_hashes)
+        result = calibrate(cfg, qmodel, data, task, cache)
+        row.update(calib_seconds=result["seconds"], forward_passes=result["forward_passes"], history=result["history"],
+                   calibration_cached=result["cached"])
+    if ptq.stage == "after" and ptq.name != "none":
+        log.info("PTQ %s on the calibrated model", ptq.name)
+        start = time.perf_counter()
+        ptq.apply(qmodel, data)
+        ptq_seconds += time.perf_counter() - start
+    qmodel.measure_level_utilisation(data.batches, data.forward)
+    log.info("Evaluating the quantized model")
+    start = time.perf_counter()
+    metrics = task.evaluate(qmodel)
+    eval_seconds = time.perf_counter() - start
+    return {**row, "metrics": metrics, "ptq_seconds": ptq_seconds, "eval_seconds": eval_seconds, "calib_samples": data.num_samples,
+            "n_act_quantizers": sum(q.enabled for q in qmodel.all_activation_quantizers.values()),
+            "n_weight_quantizers": sum(q.enabled for q in qmodel.weight_quantizers.values()),
+            "quantizers": qmodel.summary(), "task_obj": task}

@@ -1,0 +1,116 @@
+"""Quantization scope: per op role, whether and how an activation is quantized.
+
+A :class:`Scope` (one file of ``conf/scope/``) gives every role of :data:`esc.quant.roles.ROLES` a
+:class:`RoleSpec` (bits, grid, calibrator) and may override single modules by glob pattern. It is
+an axis of every run and part of every row's key. The named scopes:
+
+* ``paper`` (default): the run's calibrator on Conv/Linear, head and LayerNorm inputs; max
+  calibration on every other quantized op (LayerNorm outputs, attention operands), all at the
+  activation bits; one quantizer per tensor.
+* ``paper_a16``: ``paper`` with the attention products (Q/K operands, probabilities, V) at 16 bits.
+* ``linear``: Conv/Linear and head inputs only.
+* ``full``: the scope of the rows before scopes existed: every Conv/Linear input, LayerNorm output
+  and attention operand with the run's calibrator, no LayerNorm input, each slot its own quantizer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from esc.quant.quantizer import MAX_BITS, MIN_BITS, QuantizationError
+from esc.quant.roles import ROLES, matches
+
+GRIDS = ("uniform", "log2")
+ACTIVATION = "activation"  # bits placeholder: the precision's activation bit width
+
+
+@dataclass(frozen=True)
+class RoleSpec:
+    """How the tensors of one role are quantized: ``bits`` (``None``: float), ``grid`` (uniform |
+    log2) and ``calibrator`` (``None``: the run's calibrator; else a statistic calibrator's name)."""
+
+    bits: Optional[int]
+    grid: str = "uniform"
+    calibrator: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class Override:
+    """Per-module exception: modules whose path matches ``pattern`` are left entirely in float
+    (``skip``), or get other activation ``bits`` (``None``: float) and/or a fixed ``calibrator``."""
+
+    pattern: str
+    skip: bool = False
+    bits: Any = "keep"
+    calibrator: Any = "keep"
+
+
+@dataclass(frozen=True)
+class Scope:
+    """Which activations are quantized and how (see the module docstring)."""
+
+    name: str
+    roles: dict[str, RoleSpec]
+    overrides: tuple[Override, ...] = ()
+    one_quantizer_per_tensor: bool = True
+
+    def skipped(self, module: str) -> bool:
+        """True when ``module`` is left entirely in float (weights included)."""
+        return any(o.skip and matches(module, [o.pattern]) for o in self.overrides)
+
+    def spec(self, module: str, role: str) -> RoleSpec:
+        """The spec of slot ``role`` of ``module``, overrides applied in order."""
+        spec = self.roles[role]
+        for o in self.overrides:
+            if matches(module, [o.pattern]):
+                spec = RoleSpec(spec.bits if o.bits == "keep" else o.bits, spec.grid,
+                                spec.calibrator if o.calibrator == "keep" else o.calibrator)
+        return spec
+
+
+def _bits(value: Any, activation_bits: Optional[int], where: str) -> Optional[int]:
+    if value is None or activation_bits is None:
+        return None
+    if value == ACTIVATION:
+        return activation_bits
+    if isinstance(value, bool) or not isinstance(value, int) or not MIN_BITS <= value <= MAX_BITS:
+        raise QuantizationError(f"scope {where}: bits={value!r} must be null (float), {ACTIVATION!r} or an integer in "
+                                f"{MIN_BITS}..{MAX_BITS}")
+    return value
+
+
+def build_scope(cfg: dict, activation_bits: Optional[int]) -> Scope:
+    """A :class:`Scope` from its config dict (``name``, ``roles``, ``overrides``,
+    ``one_quantizer_per_tensor``), with ``"activation"`` bits resolved to ``activation_bits``
+    (``None``, a weight-only precision: every activation stays float). Checks every value."""
+    name = cfg.get("name", "?")
+    roles_cfg = dict(cfg.get("roles") or {})
+    unknown = set(roles_cfg) - set(ROLES)
+    missing = set(ROLES) - set(roles_cfg)
+    if unknown or missing:
+        raise QuantizationError(f"scope {name!r}: unknown roles {sorted(unknown)} / missing roles {sorted(missing)}; "
+                                f"a scope lists exactly {list(ROLES)}")
+    roles = {}
+    for role in ROLES:
+        r = dict(roles_cfg[role] or {})
+        grid = r.get("grid", "uniform")
+        if grid not in GRIDS:
+            raise QuantizationError(f"scope {name!r} role {role}: grid={grid!r} is not one of {GRIDS}")
+        roles[role] = RoleSpec(_bits(r.get("bits"), activation_bits, f"{name!r} role {role}"), grid, r.get("calibrator"))
+    overrides = []
+    for o in cfg.get("overrides") or ():
+        o = dict(o)
+        if "pattern" not in o:
+            raise QuantizationError(f"scope {name!r}: every override needs a 'pattern' (a glob on module paths), got {o}")
+        bits = o.get("bits", "keep")
+        overrides.append(Override(o["pattern"], bool(o.get("skip", False)),
+                                  bits if bits == "keep" else _bits(bits, activation_bits, f"{name!r} override {o['pattern']}"),
+                                  o.get("calibrator", "keep")))
+    return Scope(name, roles, tuple(overrides), bool(cfg.get("one_quantizer_per_tensor", True)))
+
+
+def full_scope(activation_bits: Optional[int]) -> Scope:
+    """The ``full`` scope (every slot but LayerNorm inputs, the run's calibrator, no sharing): the
+    default of :func:`esc.quant.model.quantize_model` when no scope is given."""
+    roles = {role: {"bits": None if role == "layernorm_input" else ACTIVATION} for role in ROLES}
+    return build_scope({"name": "full", "roles": roles, "one_quantizer_per_tensor": False}, activation_bits)
