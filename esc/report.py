@@ -3,9 +3,9 @@
 ``python -m esc.report --study demo`` reads ``experiments/rows/demo/*.json`` and writes to
 ``results/demo/``:
 
-* ``table.csv``: one line per run (task, model, precision, calibrator, ptq, metric, fp32,
-  quantized, drop, calib_seconds, ...);
-* ``table.md``: the paper's Table 1 shape, rows = calibrator x precision, columns = model/task,
+* ``table.csv``: one line per run (task, model, precision, scope, calibrator, ptq, metric, fp32,
+  quantized, drop, loop counts for ASR, calib_seconds, ...);
+* ``table.md``: the paper's Table 1 shape, rows = calibrator x precision x scope, columns = model/task,
   cells = quantized metric (mean ± std over seeds when there are several);
 * ``metric_by_calibrator.png``: the metric per calibrator per precision, one panel per model/task;
 * ``esc_fitness.png``: ESC's best and mean fitness per generation (when ESC rows exist);
@@ -13,6 +13,8 @@
   (same model, task, precision, PTQ method, calibration set and seed, hence the same test clips) the
   metric difference with a 95% paired bootstrap interval; ``n.s.`` marks intervals that contain
   zero, so nobody reads noise as a result;
+* ``asr_loops.md`` (ASR rows): corpus WER next to the looping hypotheses, WER without them and
+  the median per-utterance WER;
 
 Rows that share model, task, precision, calibrator, PTQ method and seed but differ in another
 setting (an ablation's ``calibrator.generations``, a smaller ``calibration.num_samples``) are told
@@ -40,23 +42,23 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from esc.config import project_root  # noqa: E402
-from esc.results import read_rows  # noqa: E402
+from esc.results import flatten, read_rows  # noqa: E402
 from esc.stats import paired_bootstrap  # noqa: E402
 
 log = logging.getLogger("esc.report")
 
-COLUMNS = ["task", "model", "precision", "calibrator", "ptq", "setting", "seed", "calibration_seed", "metric",
-           "higher_is_better", "fp32", "quantized", "drop", "rel_drop", "calib_seconds", "ptq_seconds", "forward_passes",
-           "n_act_quantizers", "calib_samples", "git_commit", "key"]
+COLUMNS = ["task", "model", "precision", "scope", "calibrator", "ptq", "setting", "seed", "calibration_seed", "metric",
+           "higher_is_better", "fp32", "quantized", "drop", "rel_drop", *(LOOP_COLUMNS := ["looping", "WER_no_loops", "WER_median"]),
+           "calib_seconds", "ptq_seconds", "eval_seconds", "forward_passes", "n_act_quantizers", "calib_samples", "git_commit", "key"]
 CALIBRATOR_ORDER = ["none", "minmax", "percentile", "entropy", "mse", "esc"]
-PAIR_AXES = ("model", "task", "precision", "calibrator", "ptq", "seed")
+PAIR_AXES = ("model", "task", "precision", "scope", "calibrator", "ptq", "seed")
+#: Rows written before the scope axis existed quantized what the ``full`` scope does.
+SCOPE_BEFORE_AXIS = "full"
 
 
-def _flatten(node, prefix: str = "") -> dict[str, str]:
+def _flatten(node) -> dict[str, str]:
     """Dotted-key view ``{"calibrator.generations": "10", ...}`` of a nested config axis (values as JSON)."""
-    if isinstance(node, dict):
-        return {k: v for key, value in node.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
-    return {prefix.rstrip("."): json.dumps(node)}
+    return {k: json.dumps(v) for k, v in flatten(node).items()}
 
 
 def setting_labels(rows: list[dict]) -> dict[str, str]:
@@ -85,10 +87,12 @@ def rows_frame(rows: list[dict]) -> pd.DataFrame:
     for r in rows:
         if r.get("status") != "ok":
             log.warning("run %s failed: %s", r.get("key"), r.get("error"))
+    ok = [{**r, "scope": r.get("scope", "none" if r.get("precision") == "fp32" else SCOPE_BEFORE_AXIS),
+           **{k: r.get("metrics", {}).get(k) for k in LOOP_COLUMNS}} for r in ok]
     labels = setting_labels(ok)
     df = pd.DataFrame([{**r, "setting": labels[r["key"]]} for r in ok], columns=COLUMNS)
     order = {c: i for i, c in enumerate(CALIBRATOR_ORDER)}
-    return df.sort_values(["task", "model", "precision", "calibrator", "ptq", "seed"],
+    return df.sort_values(["task", "model", "precision", "scope", "calibrator", "ptq", "seed"],
                           key=lambda s: s.map(order).fillna(len(order)) if s.name == "calibrator" else s).reset_index(drop=True)
 
 
@@ -104,7 +108,7 @@ def paper_table(df: pd.DataFrame) -> pd.DataFrame:
     df = df.assign(column=df["model"] + " / " + df["task"] + " (" + df["metric"] + ")",
                    method=[labelled(m, s) for m, s in zip(method, df["setting"])])
     df.loc[df["precision"] == "fp32", "method"] = "FP32"
-    table = df.groupby(["precision", "method", "column"], sort=False)["quantized"].apply(_cell).unstack("column")
+    table = df.groupby(["precision", "scope", "method", "column"], sort=False)["quantized"].apply(_cell).unstack("column")
     return table.reset_index().fillna("-")
 
 
@@ -123,6 +127,12 @@ def write_tables(df: pd.DataFrame, out: Path) -> None:
     if table is not None:
         (out / "ptq_table.md").write_text("PTQ methods on top of each calibrator (in brackets: change vs calibration alone)\n\n"
                                           + markdown(table))
+    loops = df[df["looping"].notna()]
+    if not loops.empty:
+        cols = ["model", "task", "precision", "scope", "calibrator", "ptq", "setting", "seed", "quantized", *LOOP_COLUMNS]
+        (out / "asr_loops.md").write_text(
+            "ASR: corpus WER (`quantized`) next to the number of looping hypotheses (at least twice the reference length), "
+            "the WER without them and the median per-utterance WER\n\n" + markdown(loops[cols].round(4)))
 
 
 def ptq_table(df: pd.DataFrame) -> pd.DataFrame | None:
@@ -134,7 +144,7 @@ def ptq_table(df: pd.DataFrame) -> pd.DataFrame | None:
     if set(q["ptq"]) <= {"none"}:
         return None
     q = q.assign(calibrator=[labelled(c, s) for c, s in zip(q["calibrator"], q["setting"])])
-    mean = q.groupby(["model", "task", "metric", "precision", "calibrator", "ptq"])["quantized"].mean().unstack("ptq")
+    mean = q.groupby(["model", "task", "metric", "precision", "scope", "calibrator", "ptq"])["quantized"].mean().unstack("ptq")
     base = mean["none"] if "none" in mean.columns else None
     cells = mean.copy().astype(object)
     for col in mean.columns:

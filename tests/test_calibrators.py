@@ -282,7 +282,7 @@ def reference_entropy(hist: np.ndarray, num_levels: int, start_bin: int, stride:
 def test_entropy_matches_plain_loop_reference(kind, bits, num_bins, start_bin, stride, q_source):
     x = sample(kind, 20000, seed=5)
     q = UniformQuantizer(bits, name="e")
-    obs = EntropyObserver(q, num_bins, start_bin, stride, 1e-4, None, None, q_source)
+    obs = EntropyObserver(q, num_bins, start_bin, stride, 1e-4, None, None, q_source, zero_bin="keep")
     feed(obs, x)
     c = float(obs.clip_range())
     hist = obs.hist.numpy()
@@ -292,6 +292,52 @@ def test_entropy_matches_plain_loop_reference(kind, bits, num_bins, start_bin, s
     fin = np.isfinite(divs)
     np.testing.assert_allclose(ours[fin], divs[fin], rtol=1e-9, atol=1e-12)
     assert c == pytest.approx(min(best * obs.width, obs.amax), rel=1e-6)
+
+
+def modelopt_entropy_amax(hist: np.ndarray, edges: np.ndarray, num_bits: int, unsigned: bool, start_bin: int = 128) -> float:
+    """ModelOpt / pytorch-quantization ``_compute_amax_entropy`` written out from its published formula:
+    ``bins[0] = bins[1]``; ``2^(bits - 1 + unsigned)`` levels; Q spread over the non-empty kept bins;
+    P = kept bins with the clipped mass on the last; scipy-style KL (no smoothing); last arg-min."""
+    bins = hist.astype(np.float64).copy()
+    bins[0] = bins[1]
+    nbins = 1 << (num_bits - 1 + int(unsigned))
+    divergences = []
+    for i in range(start_bin, len(bins) + 1):
+        space = np.linspace(0, i, num=nbins + 1)
+        digitized = np.digitize(np.arange(i), space) - 1
+        digitized[bins[:i] == 0] = -1
+        counts = np.zeros(nbins)
+        members = np.zeros(nbins)
+        for idx, d in enumerate(digitized):
+            if d != -1:
+                counts[d] += bins[idx]
+                members[d] += 1
+        new_density = np.array([counts[d] / members[d] if d != -1 else 0.0 for d in digitized])
+        reference = bins[:i].copy()
+        reference[-1] += bins[i:].sum()
+        p, q = reference / reference.sum(), new_density / new_density.sum()
+        with np.errstate(divide="ignore", invalid="ignore"):
+            divergences.append(float(np.sum(np.where(p > 0, p * np.log(p / q), 0.0))))
+    divergences = np.array(divergences)
+    last = len(divergences) - 1 - int(np.argmin(divergences[::-1]))
+    return float(edges[last + start_bin])
+
+
+def test_entropy_ignores_the_zero_spike_as_tensorrt_does():
+    # a ReLU'd Gaussian (half the values exactly 0), 10^6 values, INT8 unsigned grid
+    x = np.maximum(np.random.default_rng(0).standard_normal(1_000_000), 0.0).astype(np.float32)
+    q = UniformQuantizer(8, name="relu")
+    q.set_signed(False)
+    obs = EntropyObserver(q, 2048, 128, 1, 0.0, None, None)
+    feed(obs, x, num_batches=1)  # one batch: 2048 bins over [0, max]
+    ours = float(obs.clip_range())
+    edges = np.arange(obs.hist.numel() + 1) * obs.width
+    reference = modelopt_entropy_amax(obs.hist.numpy(), edges, 8, unsigned=True)
+    assert ours == pytest.approx(reference, rel=1e-6)
+    assert 3.5 < ours < float(x.max())  # near the MSE optimum, not at the zero spike
+    keep = EntropyObserver(q, 2048, 128, 1, 0.0, None, None, zero_bin="keep")
+    feed(keep, x, num_batches=1)
+    assert float(keep.clip_range()) < 0.6 * ours  # the zero spike pulls the old clip far down
 
 
 def test_entropy_start_bin_bounds_the_clip():

@@ -179,6 +179,19 @@ def tiny_task():
     return bundle, task
 
 
+def test_loop_metrics_on_hand_made_hypotheses():
+    refs = ["the cat sat", "a dog ran home", "yes", "one two three four five"]
+    hyps = ["the cat sat", "a dog ran home a dog ran home", "no no no no", "one two three four five six seven"]
+    c = ASRTask.edit_counts(refs, hyps)
+    c["hyp_words"] = np.array([len(h.split()) for h in hyps])
+    m = ASRTask.loop_metrics(c)
+    # by hand: errors 0, 4 (insertions), 4 (1 substitution + 3 insertions), 2; lengths 3/3, 8/4, 4/1, 7/5
+    assert m["looping"] == 2  # 8 >= 2 * 4 and 4 >= 2 * 1; 7 < 2 * 5 is no loop
+    assert m["WER_no_loops"] == pytest.approx(2 / 8)
+    assert m["WER_median"] == pytest.approx(np.median([0.0, 1.0, 4.0, 0.4]))
+    assert ASRTask.metric_from_samples(c) == pytest.approx(10 / 13)
+
+
 def test_edit_counts_and_normaliser():
     norm = ASRTask(clips=_clips(), progress=False).normalizer
     assert norm("Twelve o'clock, Mr. Smith!") == norm("12 o'clock mister smith")

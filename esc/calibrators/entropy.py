@@ -43,8 +43,10 @@ def kl_divergences(hist: torch.Tensor, num_levels: int, candidates: torch.Tensor
       ``hist[:i]`` *without* the outliers (``q_source="sliced"``, as TensorRT / ModelOpt / MXNet /
       TVM do) or from ``P_i`` itself, outliers included (``q_source="reference"``); each level's sum is spread evenly over the bins of that level where ``P_i`` is
       non-zero, giving ``Q_i`` (zero where ``P_i`` is zero);
-    * both are smoothed with :func:`smooth_distribution` (``eps``), normalised, and
-      ``KL = sum P log(P / Q)``. Candidates whose smoothing fails score ``inf``.
+    * both are normalised and ``KL = sum P log(P / Q)`` (``inf`` where ``Q = 0 < P``), as
+      ModelOpt / pytorch-quantization compute it with ``scipy.stats.entropy`` (``eps = 0``); with
+      ``eps > 0`` both are first smoothed with :func:`smooth_distribution` (MXNet / TVM), and
+      candidates whose smoothing fails score ``inf``.
     """
     if q_source not in ("sliced", "reference"):
         raise QuantizationError(f"q_source={q_source!r}: use 'sliced' (TensorRT) or 'reference'")
@@ -72,8 +74,7 @@ def kl_divergences(hist: torch.Tensor, num_levels: int, candidates: torch.Tensor
         counts = torch.zeros(c, num_levels + 1, dtype=torch.float64).scatter_add_(1, level, p_nonzero.double())
         avg = sums / counts.clamp(min=1)
         q = torch.gather(avg, 1, level) * p_nonzero
-        ps = smooth_distribution(p, valid, eps)
-        qs = smooth_distribution(q, valid, eps)
+        ps, qs = (smooth_distribution(p, valid, eps), smooth_distribution(q, valid, eps)) if eps > 0 else (p, q)
         ps = ps / ps.sum(dim=1, keepdim=True)
         qs = qs / qs.sum(dim=1, keepdim=True)
         terms = torch.where(valid & (ps > 0), ps * torch.log(ps / qs), torch.zeros_like(ps))
@@ -87,9 +88,9 @@ class EntropyObserver(HistogramObserver):
     """Histogram of ``|x|`` whose clip minimises the TensorRT KL divergence."""
 
     def __init__(self, quantizer: UniformQuantizer, num_bins: int, start_bin: int, stride: int, eps: float,
-                 num_levels: Optional[int], max_bins: Optional[int], q_source: str = "sliced") -> None:
+                 num_levels: Optional[int], max_bins: Optional[int], q_source: str = "sliced", zero_bin: str = "tensorrt") -> None:
         super().__init__(quantizer, num_bins, max_bins)
-        self.q_source = q_source
+        self.q_source, self.zero_bin = q_source, zero_bin
         self.start_bin, self.stride, self.eps, self.num_levels_override = start_bin, stride, eps, num_levels
         self.divergences: Optional[torch.Tensor] = None
 
@@ -115,7 +116,10 @@ class EntropyObserver(HistogramObserver):
         start = min(self.start_bin, n)
         candidates = torch.arange(start, n + 1, self.stride)
         self.candidates = candidates
-        self.divergences = kl_divergences(self.hist, self.num_levels, candidates, self.eps, self.q_source)
+        hist = self.hist.clone()
+        if self.zero_bin == "tensorrt" and n > 1:
+            hist[0] = hist[1]  # TensorRT / ModelOpt: the spike of exact zeros (ReLU, padding) is ignored
+        self.divergences = kl_divergences(hist, self.num_levels, candidates, self.eps, self.q_source)
         if not torch.isfinite(self.divergences).any():
             best = n  # no scorable cut: keep the full range
         else:
@@ -128,11 +132,15 @@ class EntropyObserver(HistogramObserver):
 class EntropyCalibrator(StatisticCalibrator):
     """TensorRT entropy calibration: clip where KL(P || Q) between the clipped and quantized histograms is smallest.
 
-    Definition: one FP pass fills a :class:`~esc.calibrators.histogram.HistogramObserver` of ``|x|``
-    (``num_bins`` bins of width ``w = max(first batch) / num_bins``, grown by appending bins). For
+    Definition (NVIDIA ModelOpt / pytorch-quantization ``_compute_amax_entropy``, the TensorRT
+    entropy calibrator): one FP pass fills a :class:`~esc.calibrators.histogram.HistogramObserver`
+    of ``|x|`` (``num_bins`` bins of width ``w = max(first batch) / num_bins``, grown by appending
+    bins); bin 0 is replaced by bin 1 (``zero_bin="tensorrt"``: the spike of exact zeros from ReLU,
+    padding or softmax does not pull the clip down; ``"keep"``: the histogram as observed). For
     every cut ``i`` in ``range(start_bin, n_bins + 1, stride)`` the divergence of
     :func:`kl_divergences` is computed with ``num_levels`` = the quantizer's non-negative levels
-    (``qmax + 1``: 128 at INT8, 8 at INT4 for signed symmetric grids) and smoothing ``eps``; the
+    (``qmax + 1``, i.e. ``2^(bits - 1 + unsigned)``: 128 at INT8, 256 on an unsigned INT8 grid, 8 at
+    INT4 signed) and smoothing ``eps`` (0: none, as ModelOpt); the
     arg-min (ties: largest cut) gives ``c = i w`` (TensorRT's edge convention ``bin_edges[i]``),
     capped at the exact ``max |x|``. Symmetric quantizers get ``[-c, c]``, asymmetric ones ``[-c, c]``
     intersected with the observed range. Per-tensor quantizers only.
@@ -148,16 +156,19 @@ class EntropyCalibrator(StatisticCalibrator):
 
     Args:
         num_bins: histogram bins (2048). start_bin: first cut (128). stride: step between cuts (1).
-        eps: KL smoothing constant (1e-4). num_levels: override the number of levels (None: from
+        eps: KL smoothing constant (0: none, ModelOpt; 1e-4: MXNet / TVM). num_levels: override the number of levels (None: from
             the quantizer). max_bins: cap on bins after growth (default ``16 * num_bins``).
         q_source: ``"sliced"`` (default, TensorRT: ``Q`` from the kept bins without the clipped
             mass) or ``"reference"`` (``Q`` merged from ``P``, clipped mass included).
+        zero_bin: ``"tensorrt"`` (default: ``bins[0] = bins[1]``) or ``"keep"`` (the rows made
+            before this option existed).
     """
 
     name = "entropy"
 
-    def __init__(self, num_bins: int = 2048, start_bin: int = 128, stride: int = 1, eps: float = 1e-4,
-                 num_levels: Optional[int] = None, max_bins: Optional[int] = None, q_source: str = "sliced") -> None:
+    def __init__(self, num_bins: int = 2048, start_bin: int = 128, stride: int = 1, eps: float = 0.0,
+                 num_levels: Optional[int] = None, max_bins: Optional[int] = None, q_source: str = "sliced",
+                 zero_bin: str = "tensorrt") -> None:
         if not 1 <= start_bin <= num_bins:
             raise QuantizationError(f"start_bin={start_bin} must be within 1..num_bins={num_bins}")
         if stride < 1:
@@ -165,8 +176,12 @@ class EntropyCalibrator(StatisticCalibrator):
         self.num_bins, self.start_bin, self.stride, self.eps = int(num_bins), int(start_bin), int(stride), float(eps)
         if q_source not in ("sliced", "reference"):
             raise QuantizationError(f"q_source={q_source!r}: use 'sliced' (TensorRT) or 'reference'")
-        self.num_levels, self.max_bins, self.q_source = num_levels, max_bins, q_source
+        if zero_bin not in ("tensorrt", "keep"):
+            raise QuantizationError(f"zero_bin={zero_bin!r}: use 'tensorrt' (bins[0] = bins[1]) or 'keep'")
+        if eps < 0:
+            raise QuantizationError(f"eps={eps} must be >= 0 (0: no smoothing, as ModelOpt)")
+        self.num_levels, self.max_bins, self.q_source, self.zero_bin = num_levels, max_bins, q_source, zero_bin
 
     def make_observer(self, quantizer: UniformQuantizer) -> EntropyObserver:
         return EntropyObserver(quantizer, self.num_bins, self.start_bin, self.stride, self.eps, self.num_levels, self.max_bins,
-                              self.q_source)
+                              self.q_source, self.zero_bin)

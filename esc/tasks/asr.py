@@ -10,7 +10,10 @@ Hypotheses and references go through Whisper's ``EnglishTextNormalizer`` (transf
 jiwer counts errors. ``WER = sum(word edits) / sum(reference words)`` over the test clips (the
 corpus-level WER, as jiwer computes it on a list); CER likewise on characters. Also reported:
 ``WER_<voice>`` / ``CER_<voice>`` per voice, and ``per_sample`` edit and length counts (plus the
-hypotheses) for the paired bootstrap.
+hypotheses) for the paired bootstrap. Decoding loops of a quantized model (a phrase repeated up to
+the token cap) can dominate corpus WER, so :func:`loop_metrics` adds ``looping`` (hypotheses at least
+``LOOP_FACTOR`` times as long as their reference, in words), ``WER_median`` (median per-utterance
+WER) and ``WER_no_loops`` (corpus WER over the other utterances); loops are reported, never hidden.
 
 Calibration (:meth:`ASRTask.calibration_data`): the FP32 model's own greedy transcripts of the
 calibration clips are the targets (pseudo-labels, computed once per clip and cached). A batch is
@@ -57,6 +60,10 @@ def english_normalizer(spelling_map: Optional[str | Path] = None):
 
     mapping = json.loads(Path(spelling_map).read_text()) if spelling_map else {}
     return EnglishTextNormalizer(mapping)
+
+
+#: A hypothesis at least this many times as long as its reference (in words) counts as a decoding loop.
+LOOP_FACTOR = 2.0
 
 
 @torch.no_grad()
@@ -269,6 +276,16 @@ class ASRTask(Task):
         return dict(word_errors=np.array(we), ref_words=np.array(rw), char_errors=np.array(ce), ref_chars=np.array(rc))
 
     @staticmethod
+    def loop_metrics(samples: dict) -> dict[str, float]:
+        """``looping`` (count of hypotheses with ``hyp_words >= LOOP_FACTOR * ref_words``), ``WER_median``
+        (median of ``word_errors / ref_words``) and ``WER_no_loops`` (corpus WER without the looping ones)."""
+        errors, ref, hyp = (np.asarray(samples[k], dtype=np.float64) for k in ("word_errors", "ref_words", "hyp_words"))
+        loops = hyp >= LOOP_FACTOR * ref
+        rest = ~loops
+        return {"looping": int(loops.sum()), "WER_median": float(np.median(errors / np.maximum(ref, 1))),
+                "WER_no_loops": float(errors[rest].sum() / max(ref[rest].sum(), 1)) if rest.any() else float("nan")}
+
+    @staticmethod
     def metric_from_samples(samples: dict) -> float:
         """Corpus WER: ``sum(word_errors) / sum(ref_words)``."""
         return float(np.sum(samples["word_errors"]) / max(np.sum(samples["ref_words"]), 1))
@@ -288,6 +305,8 @@ class ASRTask(Task):
             metrics[f"WER_{v}"] = float(counts["word_errors"][m].sum() / max(counts["ref_words"][m].sum(), 1))
             metrics[f"CER_{v}"] = float(counts["char_errors"][m].sum() / max(counts["ref_chars"][m].sum(), 1))
         metrics["mean_tokens"] = float(np.mean([len(t) for t in tokens]))
+        counts["hyp_words"] = np.array([len(h.split()) for h in hyps])
+        metrics.update(self.loop_metrics(counts))
         metrics["per_sample"] = {**counts, "voice": voices, "hypothesis": np.array(hyps, dtype=object).astype(str)}
         return metrics
 
