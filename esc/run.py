@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from esc.calibrators.base import use_unsigned_for_nonnegative
 from esc.config import register_resolvers
 from esc.models.base import weights_fingerprint
-from esc.models.checkpoint import save_checkpoint
+from esc.models.checkpoint import load_plain, save_checkpoint
 from esc.quant.model import QuantSpec, quantize_model
 from esc.results import is_finished, portable, provenance, read_row, row_path, run_key, write_json_atomic
 
@@ -129,7 +129,7 @@ def calibrate_activations(cfg: DictConfig, qmodel, data, task, path: Path) -> di
     at ``path`` (:func:`calibration_path`) with its seconds, forward passes and history.
     """
     if path.is_file():
-        cached = torch.load(path, weights_only=False)
+        cached = load_plain(path, "delete it and rerun to calibrate again")
         qmodel.load_activation_state(cached["state"])  # grids (signed/unsigned) included
         log.info("Activation scales from an identical earlier calibration (%s; it took %.1f s)", path, cached["result"]["seconds"])
         return {**cached["result"], "cached": True}
