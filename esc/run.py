@@ -161,6 +161,7 @@ def execute(cfg: DictConfig, axes: dict[str, Any]) -> dict[str, Any]:
     fp = fp32_metrics(cfg, axes, task, bundle, weights)
     row: dict[str, Any] = {"fp32_metrics": fp, "weights_fingerprint": weights, "data_hashes": dict(task.data_hashes), "calib_seconds": 0.0, "calibration_cached": False, "ptq_seconds": 0.0, "forward_passes": 0,
                            "n_act_quantizers": 0, "n_weight_quantizers": 0, "calib_samples": 0, "history": {}, "quantizers": []}
+    row["revisions"] = {**bundle.revisions, **task.revisions}  # hub commits of the model and data sets (empty offline)
     if cfg.precision.weight is None and cfg.precision.activation is None:
         return {**row, "metrics": fp, "task_obj": task}
 

@@ -107,3 +107,105 @@ def test_no_unrestricted_load_or_remote_code_in_the_package():
         if "torch.load(" in text and rel != "esc/models/checkpoint.py":
             offenders.append(f"{rel}: torch.load outside esc.models.checkpoint.load_plain")
     assert offenders == []
+
+
+# ------------------------------------------------------------------------------ hub revisions
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture
+def hub_offline(monkeypatch):
+    """Hub loads read only the local caches (what HF_HUB_OFFLINE=1 does), so nothing here touches the network."""
+    import datasets
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+
+
+def cached_hub_model(cache: Path, repo: str, bundle, commit: str = COMMIT) -> None:
+    """Lay ``bundle``'s tiny model out in a Hugging Face hub cache as ``repo`` at ``commit`` (``refs/main`` -> ``commit``)."""
+    root = cache / f"models--{repo.replace('/', '--')}"
+    snapshot = root / "snapshots" / commit
+    bundle.model.hf.save_pretrained(snapshot)
+    bundle.frontend.fe.save_pretrained(snapshot)
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(commit)
+
+
+def test_hub_model_records_the_commit_it_loaded_and_honours_a_pin(tmp_path, hub_offline):
+    from esc.models import hub
+
+    tiny = hub.build_ast_speechcommands(tiny=True)
+    assert tiny.revisions == {}
+    cached_hub_model(tmp_path, "esc-test/tiny-ast", tiny)
+    loaded = hub.build_ast_speechcommands("esc-test/tiny-ast", cache_dir=str(tmp_path))
+    assert loaded.revisions == {"esc-test/tiny-ast": COMMIT}
+    feats = tiny.frontend(torch.randn(2, 16000) * 0.1)
+    torch.testing.assert_close(loaded.model(feats), tiny.model(feats))
+    assert hub.build_ast_speechcommands("esc-test/tiny-ast", cache_dir=str(tmp_path), revision=COMMIT).revisions == loaded.revisions
+    with pytest.raises(hub.HubUnavailableError, match="esc-test/tiny-ast"):  # a pinned commit that is not there is not replaced by main
+        hub.build_ast_speechcommands("esc-test/tiny-ast", cache_dir=str(tmp_path), revision="f" * 40)
+    local = tmp_path / "local"
+    tiny.model.hf.save_pretrained(local)
+    tiny.frontend.fe.save_pretrained(local)
+    assert hub.build_ast_speechcommands(str(local)).revisions == {}  # a local folder: the weights fingerprint names it
+
+
+def test_hub_model_config_takes_a_revision():
+    from esc.config import compose
+
+    for name in ("ast_speechcommands", "ast_audioset", "wav2vec2_base_960h", "conformer_ctc", "whisper_base_hub"):
+        assert compose([f"model={name}", f"model.revision={COMMIT}"]).model.revision == COMMIT
+
+
+def cached_hub_dataset(cache: Path, repo: str, rows: list[dict], commit: str = COMMIT) -> None:
+    """Lay ``rows`` out in a datasets cache as hub data set ``repo`` at ``commit`` (what a first online load leaves)."""
+    import shutil
+
+    import datasets
+
+    parquet = cache / "rows.parquet"
+    datasets.Dataset.from_list(rows).cast_column("audio", datasets.Audio()).to_parquet(str(parquet))
+    datasets.load_dataset("parquet", data_files={"test": str(parquet)}, cache_dir=str(cache / "build"))
+    built = next(p for p in (cache / "build" / "parquet").glob("*/*/*") if p.is_dir())
+    dest = cache / repo.replace("/", "___") / "default" / "0.0.0" / commit
+    shutil.copytree(built, dest)
+    for arrow in dest.glob("parquet-*.arrow"):
+        arrow.rename(dest / arrow.name.replace("parquet-", f"{repo.split('/')[1]}-"))
+
+
+def test_hub_data_set_records_the_commit_it_loaded(tmp_path, hub_offline):
+    import io
+
+    import soundfile as sf
+
+    from esc.tasks.hub import HubASRTask
+
+    def flac(seed):
+        buf = io.BytesIO()
+        sf.write(buf, np.random.default_rng(seed).standard_normal(1600).astype(np.float32) * 0.1, 16000, format="FLAC")
+        return buf.getvalue()
+
+    rows = [{"audio": {"bytes": flac(i), "path": f"{i}.flac"}, "text": f"WORD {i}"} for i in range(3)]
+    cached_hub_dataset(tmp_path, "esc-test/tiny_speech", rows)
+    task = HubASRTask(path="esc-test/tiny_speech", config=None, train_split="test", cache_dir=str(tmp_path), progress=False)
+    assert task.revisions == {}
+    clips = task._split("test")
+    assert [c.text for c in clips] == ["WORD 0", "WORD 1", "WORD 2"]
+    assert task.revisions == {"esc-test/tiny_speech": COMMIT}
+
+
+def test_report_lists_the_hub_revisions_of_its_rows(tmp_path):
+    from esc.report import build_report
+    from esc.results import write_json_atomic
+
+    base = {"status": "ok", "study": "s", "task": "kws", "precision": "w8a8", "calibrator": "minmax", "ptq": "none",
+            "seed": 0, "calibration_seed": 0, "metric": "accuracy", "higher_is_better": True, "fp32": 90.0,
+            "quantized": 89.0, "drop": 1.0, "rel_drop": 0.011, "axes": {}, "history": {}}
+    write_json_atomic(tmp_path / "rows" / "a.json", {**base, "key": "a", "model": "ast_speechcommands",
+                                                   "revisions": {"MIT/ast": "c" * 40, "google/speech_commands": "d" * 40}})
+    write_json_atomic(tmp_path / "rows" / "b.json", {**base, "key": "b", "model": "ast_kws", "revisions": {}})
+    build_report(tmp_path / "rows", tmp_path / "out")
+    note = (tmp_path / "out" / "table.md").read_text().splitlines()[-1]
+    assert note == f"Hub revisions: MIT/ast@{'c' * 40}, google/speech_commands@{'d' * 40}"

@@ -22,6 +22,7 @@ class ModelBundle:
         labels: class names for classifiers (index order of the logits), else ``None``.
         extras: anything a task needs to drive this model (a tokenizer, generation settings...).
         skip_quantization: module paths to leave in float (passed to ``quantize_model``).
+        revisions: hub repository -> the commit the model was loaded from (hub models only; result rows record it).
     """
 
     name: str
@@ -31,6 +32,7 @@ class ModelBundle:
     labels: Optional[list[str]] = None
     extras: dict = field(default_factory=dict)
     skip_quantization: tuple[str, ...] = ()
+    revisions: dict[str, str] = field(default_factory=dict)
 
 
 def weights_fingerprint(model: nn.Module) -> str:
