@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from esc.calibrators import BY_NAME
 from esc.calibrators.base import CalibrationData, take_batch, use_unsigned_for_nonnegative
 from esc.models.base import ModelBundle, weights_fingerprint
-from esc.models.checkpoint import save_checkpoint
+from esc.models.checkpoint import load_plain, save_checkpoint
 from esc.quant.model import QuantizedModel, QuantSpec, quantize_model
 from esc.quant.scope import Scope, build_scope
 from esc.results import portable, read_row, run_key, write_json_atomic
@@ -151,7 +151,7 @@ def calibrate(cfg: DictConfig, qmodel: QuantizedModel, data: CalibrationData, ta
     the whole quantized model). Seconds, forward passes and history are those of the run's calibrator.
     """
     if path.is_file():
-        cached = torch.load(path, weights_only=False)
+        cached = load_plain(path, "delete it and rerun to calibrate again")
         qmodel.load_activation_state(cached["state"])  # grids (signed/unsigned) included
         log.info("Activation scales from an identical earlier calibration (%s; it took %.1f s)", path, cached["result"]["seconds"])
         return {**cached["result"], "cached": True}
@@ -192,6 +192,7 @@ def execute(cfg: DictConfig, axes: dict[str, Any]) -> dict[str, Any]:
     row: dict[str, Any] = {"fp32_metrics": fp, "weights_fingerprint": weights, "data_hashes": dict(task.data_hashes),
                            "calib_seconds": 0.0, "calibration_cached": False, "ptq_seconds": 0.0, "forward_passes": 0,
                            "n_act_quantizers": 0, "n_weight_quantizers": 0, "calib_samples": 0, "history": {}, "quantizers": []}
+    row["revisions"] = {**bundle.revisions, **task.revisions}  # hub commits of the model and data sets (empty offline)
     if cfg.precision.weight is None and cfg.precision.activation is None:
         return {**row, "metrics": fp, "task_obj": task}
 

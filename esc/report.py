@@ -6,7 +6,8 @@
 * ``table.csv``: one line per run (task, model, precision, scope, calibrator, ptq, metric, fp32,
   quantized, drop, loop counts for ASR, calib_seconds, ...);
 * ``table.md``: the paper's Table 1 shape, rows = calibrator x precision x scope, columns = model/task,
-  cells = quantized metric (mean ± std over seeds when there are several);
+  cells = quantized metric (mean ± std over seeds when there are several), and below it the hub
+  revisions (``repo@commit``) the rows loaded, when any came from the Hugging Face hub;
 * ``metric_by_calibrator.png``: the metric per calibrator per precision, one panel per model/task;
 * ``esc_fitness.png``: ESC's best and mean fitness per generation (when ESC rows exist);
 * ``pairs.csv`` / ``pairs.md``: for every pair of rows that differ only in the calibrator axis
@@ -49,7 +50,7 @@ log = logging.getLogger("esc.report")
 
 COLUMNS = ["task", "model", "precision", "scope", "calibrator", "ptq", "setting", "seed", "calibration_seed", "metric",
            "higher_is_better", "fp32", "quantized", "drop", "rel_drop", *(LOOP_COLUMNS := ["looping", "WER_no_loops", "WER_median"]),
-           "calib_seconds", "ptq_seconds", "eval_seconds", "forward_passes", "n_act_quantizers", "calib_samples", "git_commit", "key"]
+           "calib_seconds", "ptq_seconds", "eval_seconds", "forward_passes", "n_act_quantizers", "calib_samples", "revisions", "git_commit", "key"]
 CALIBRATOR_ORDER = ["none", "minmax", "percentile", "entropy", "mse", "esc"]
 PAIR_AXES = ("model", "task", "precision", "scope", "calibrator", "ptq", "seed")
 #: Rows written before the scope axis existed quantized what the ``full`` scope does.
@@ -76,6 +77,11 @@ def setting_labels(rows: list[dict]) -> dict[str, str]:
     return labels
 
 
+def revision_list(revisions: dict[str, str] | None) -> str:
+    """A row's hub revisions as ``repo@commit`` words, sorted (``""`` for a row that loaded nothing from the hub)."""
+    return " ".join(f"{repo}@{commit}" for repo, commit in sorted((revisions or {}).items()))
+
+
 def labelled(name: str, setting: str) -> str:
     """``name`` with its setting label in brackets, when it has one."""
     return f"{name} ({setting})" if setting else name
@@ -90,7 +96,8 @@ def rows_frame(rows: list[dict]) -> pd.DataFrame:
     ok = [{**r, "scope": r.get("scope", "none" if r.get("precision") == "fp32" else SCOPE_BEFORE_AXIS),
            **{k: r.get("metrics", {}).get(k) for k in LOOP_COLUMNS}} for r in ok]
     labels = setting_labels(ok)
-    df = pd.DataFrame([{**r, "setting": labels[r["key"]]} for r in ok], columns=COLUMNS)
+    df = pd.DataFrame([{**r, "setting": labels[r["key"]], "revisions": revision_list(r.get("revisions"))} for r in ok],
+                      columns=COLUMNS)
     order = {c: i for i, c in enumerate(CALIBRATOR_ORDER)}
     return df.sort_values(["task", "model", "precision", "scope", "calibrator", "ptq", "seed"],
                           key=lambda s: s.map(order).fillna(len(order)) if s.name == "calibrator" else s).reset_index(drop=True)
@@ -120,9 +127,11 @@ def markdown(table: pd.DataFrame) -> str:
 
 
 def write_tables(df: pd.DataFrame, out: Path) -> None:
-    """Write ``table.csv`` (one line per run), ``table.md`` (paper shape) and, with PTQ rows, ``ptq_table.md``."""
+    """Write ``table.csv`` (one line per run), ``table.md`` (paper shape, then the hub revisions) and, with PTQ rows, ``ptq_table.md``."""
     df.to_csv(out / "table.csv", index=False, float_format="%.6g")
-    (out / "table.md").write_text(markdown(paper_table(df)))
+    revisions = sorted({word for words in df["revisions"] for word in words.split()})
+    note = f"\nHub revisions: {', '.join(revisions)}\n" if revisions else ""
+    (out / "table.md").write_text(markdown(paper_table(df)) + note)
     table = ptq_table(df)
     if table is not None:
         (out / "ptq_table.md").write_text("PTQ methods on top of each calibrator (in brackets: change vs calibration alone)\n\n"

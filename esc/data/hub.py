@@ -130,8 +130,11 @@ def folder_dataset(root: Path, split: str = "test", audio_column: str = "audio")
 
 
 def load_split(path: str, name: Optional[str], split: str, revision: Optional[str] = None,
-               cache_dir: Optional[str] = None):
+               cache_dir: Optional[str] = None, revisions: Optional[dict[str, str]] = None):
     """One split of a hub data set, downloading only that split's files.
+
+    ``revisions``, when given, gets ``{path: commit}``: the commit ``revision`` resolved to (the
+    builder's hash: the hub commit, or offline the cached one), for a hub id (not a local folder).
 
     ``datasets.load_dataset(path, name, split=...)`` downloads and prepares *every* split of the
     config (LibriSpeech ``clean`` would fetch 30 GB of training audio to read the 350 MB test
@@ -142,6 +145,8 @@ def load_split(path: str, name: Optional[str], split: str, revision: Optional[st
     import datasets
 
     builder = datasets.load_dataset_builder(path, name, revision=revision, cache_dir=cache_dir)
+    if revisions is not None and not Path(path).expanduser().exists():
+        revisions[path] = builder.hash
     data_files = getattr(builder.config, "data_files", None) or {}
     kind = type(builder).__module__.rsplit(".", 1)[-1]
     if kind in ("parquet", "arrow") and split in data_files and len(data_files) > 1:
@@ -154,11 +159,12 @@ def load_split(path: str, name: Optional[str], split: str, revision: Optional[st
 
 
 def open_dataset(path: str, name: Optional[str] = None, split: str = "test", revision: Optional[str] = None,
-                 cache_dir: Optional[str] = None, audio_column: str = "audio"):
+                 cache_dir: Optional[str] = None, audio_column: str = "audio", revisions: Optional[dict[str, str]] = None):
     """A ``datasets.Dataset`` (one split) whose ``audio_column`` is ``Audio(decode=False)``.
 
-    ``path`` is a hub id (``name`` = config, ``revision`` = branch; a script-based hub data set is
-    retried on its ``refs/convert/parquet`` export) or a local data set (see the module docstring).
+    ``path`` is a hub id (``name`` = config, ``revision`` = branch, tag or commit; a script-based hub
+    data set is retried on its ``refs/convert/parquet`` export) or a local data set (see the module
+    docstring). ``revisions`` records the resolved commit of a hub id (:func:`load_split`).
     """
     import datasets
     from datasets import Audio
@@ -186,12 +192,12 @@ def open_dataset(path: str, name: Optional[str] = None, split: str = "test", rev
         with hub_access("data set", where, "give path: a local copy (parquet / arrow files, a save_to_disk folder, "
                                            "or a folder of audio files)"):
             try:
-                ds = load_split(path, name, split, revision, cache_dir)
+                ds = load_split(path, name, split, revision, cache_dir, revisions)
             except RuntimeError as e:
                 if "scripts are no longer supported" not in str(e) or revision is not None:
                     raise
                 log.info("%s is script-based; loading its parquet export (%s)", path, PARQUET_REVISION)
-                ds = load_split(path, name, split, PARQUET_REVISION, cache_dir)
+                ds = load_split(path, name, split, PARQUET_REVISION, cache_dir, revisions)
     if audio_column not in ds.column_names:
         raise ValueError(f"data set {path} has no audio column {audio_column!r}; its columns are {ds.column_names}")
     return ds.cast_column(audio_column, Audio(decode=False))
@@ -273,16 +279,17 @@ def load_speech_commands(path: str = "google/speech_commands", name: Optional[st
                          words: Optional[Sequence[str]] = None, max_samples: Optional[int] = None, seed: int = 0,
                          clip_samples: int = 16000, sample_rate: int = SAMPLE_RATE, revision: Optional[str] = None,
                          cache_dir: Optional[str] = None, label_column: str = "label", audio_column: str = "audio",
-                         progress: bool = True):
+                         progress: bool = True, revisions: Optional[dict[str, str]] = None):
     """Speech Commands rows as a :class:`esc.data.kws.KWSSplit` (``words`` = label names, default the 35 words).
 
     Rows whose label is not in ``words`` (``_silence_``) are dropped before ``max_samples`` is drawn.
-    ``voice_ids`` index ``voices`` (the ``speaker_id`` column, or one ``unknown`` voice).
+    ``voice_ids`` index ``voices`` (the ``speaker_id`` column, or one ``unknown`` voice). ``revisions``
+    gets the resolved commit of a hub data set (:func:`load_split`), as in every loader here.
     """
     from esc.data.kws import WORDS, KWSSplit
 
     words = tuple(words) if words is not None else WORDS
-    ds = open_dataset(path, name, split, revision, cache_dir, audio_column)
+    ds = open_dataset(path, name, split, revision, cache_dir, audio_column, revisions)
     if label_column not in ds.column_names:
         raise ValueError(f"{path} has no label column {label_column!r}; its columns are {ds.column_names}")
     names = label_names(ds, label_column)
@@ -306,11 +313,11 @@ def load_speech_commands(path: str = "google/speech_commands", name: Optional[st
 def load_librispeech(path: str = "openslr/librispeech_asr", name: Optional[str] = "clean", split: str = "test",
                      max_samples: Optional[int] = None, seed: int = 0, sample_rate: int = SAMPLE_RATE,
                      revision: Optional[str] = None, cache_dir: Optional[str] = None, text_column: str = "text",
-                     audio_column: str = "audio", progress: bool = True):
+                     audio_column: str = "audio", progress: bool = True, revisions: Optional[dict[str, str]] = None):
     """LibriSpeech rows as a list of :class:`esc.data.asr.Clip` (wave float32 at 16 kHz, reference text, speaker)."""
     from esc.data.asr import Clip
 
-    ds = open_dataset(path, name, split, revision, cache_dir, audio_column)
+    ds = open_dataset(path, name, split, revision, cache_dir, audio_column, revisions)
     if text_column not in ds.column_names:
         raise ValueError(f"{path} has no transcript column {text_column!r}; its columns are {ds.column_names}")
     idx = subset_indices(len(ds), max_samples, seed)
@@ -327,7 +334,7 @@ def load_esc50(path: str = "ashraq/esc50", split: str = "train", folds: Optional
                class_map: Optional[Mapping[str, str]] = None, max_samples: Optional[int] = None, seed: int = 0,
                clip_samples: int = 5 * SAMPLE_RATE, sample_rate: int = SAMPLE_RATE, revision: Optional[str] = None,
                cache_dir: Optional[str] = None, category_column: str = "category", fold_column: str = "fold",
-               audio_column: str = "audio", progress: bool = True):
+               audio_column: str = "audio", progress: bool = True, revisions: Optional[dict[str, str]] = None):
     """ESC-50 rows of ``folds`` as a :class:`esc.data.tagging.TaggingSet` over AudioSet names.
 
     ``class_map`` (ESC-50 category -> AudioSet display name, default :data:`ESC50_TO_AUDIOSET`)
@@ -338,7 +345,7 @@ def load_esc50(path: str = "ashraq/esc50", split: str = "train", folds: Optional
 
     class_map = dict(ESC50_TO_AUDIOSET if class_map is None else class_map)
     classes = tuple(dict.fromkeys(class_map.values()))
-    ds = open_dataset(path, None, split, revision, cache_dir, audio_column)
+    ds = open_dataset(path, None, split, revision, cache_dir, audio_column, revisions)
     if category_column not in ds.column_names:
         raise ValueError(f"{path} has no category column {category_column!r}; its columns are {ds.column_names}")
     cats = label_names(ds, category_column)

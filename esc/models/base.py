@@ -23,6 +23,7 @@ class ModelBundle:
         extras: anything a task needs to drive this model (a tokenizer, generation settings...).
         head: glob patterns of the head modules (classifier, vocabulary projection): their input
             has the ``head`` role of :mod:`esc.quant.roles`.
+        revisions: hub repository -> the commit the model was loaded from (hub models only; result rows record it).
     """
 
     name: str
@@ -32,6 +33,7 @@ class ModelBundle:
     labels: Optional[list[str]] = None
     extras: dict = field(default_factory=dict)
     head: tuple[str, ...] = ()
+    revisions: dict[str, str] = field(default_factory=dict)
 
 
 def weights_fingerprint(model: nn.Module) -> str:

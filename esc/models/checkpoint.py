@@ -1,15 +1,54 @@
-"""Checkpoints trained by the project: atomic save, and load with errors that name the make target."""
+"""Checkpoints and caches written with ``torch.save``: atomic save, and a load that never runs code.
+
+Every ``torch.load`` in the package goes through :func:`load_plain` (``weights_only=True``): a file
+may hold tensors and plain dicts, lists, strings and numbers only, so a checkpoint or cache from
+someone else cannot execute code when a run opens it. A file that needs more, or a truncated or
+corrupt one, is refused with a message that names it and how to rebuild it.
+"""
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import os
+import pickle
+import re
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
+from torch.torch_version import TorchVersion
 
 MAKE_TARGET = "make models"
+#: Classes allowed beyond torch's weights-only defaults: ``TorchVersion`` (a ``str`` subclass) is how
+#: checkpoints trained before recipes stored ``str(torch.__version__)`` record the torch version.
+SAFE_GLOBALS = (TorchVersion,)
+
+
+class RefusedFileError(ValueError):
+    """A ``torch.save`` file refused by :func:`load_plain`: it holds more than tensors and plain values, or is damaged."""
+
+
+def load_plain(path: str | Path, rebuild: str) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU; ``rebuild`` says how to remake the file (for messages).
+
+    Raises:
+        RefusedFileError: the file needs other classes or functions (unpickling it could run code),
+            or it is truncated or corrupt.
+    """
+    try:
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:  # missing or unreadable: the caller's message (or the OS's) says more than "corrupt"
+        raise
+    except pickle.UnpicklingError as e:
+        unsafe = re.search(r"GLOBAL (\S+)", str(e))
+        if unsafe:
+            raise RefusedFileError(f"{path} is refused: it holds {unsafe.group(1)}, not only tensors and plain values, "
+                                  f"and unpickling it could run code; {rebuild}") from None
+        raise RefusedFileError(f"{path} is corrupt (not a torch.save file of tensors and plain values); {rebuild}") from None
+    except Exception as e:  # torch raises RuntimeError, EOFError, KeyError... on truncated or damaged files
+        raise RefusedFileError(f"{path} is truncated or corrupt ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no data'}); "
+                              f"{rebuild}") from None
 
 
 def save_checkpoint(ckpt: dict, out: str | Path) -> Path:
@@ -27,11 +66,12 @@ def recipe_provenance(args: argparse.Namespace, data_cfg) -> dict:
     config (a dataclass with ``words``), the recipe (all command-line options but ``argv``) and the torch version."""
     return {"labels": list(data_cfg.words), "data_seed": args.data_seed, "data_config": dataclasses.asdict(data_cfg),
             "recipe": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if k != "argv"},
-            "torch_version": torch.__version__}
+            "torch_version": str(torch.__version__)}
 
 
 def load_checkpoint(path: str | Path, what: str, required: Sequence[str], trainer: str, alternative: str) -> dict:
-    """Read a checkpoint holding the ``required`` keys; missing or malformed files name ``make models``.
+    """Read a checkpoint holding the ``required`` keys with :func:`load_plain`; missing, unsafe or
+    malformed files name ``make models``.
 
     Args:
         what: what the checkpoint is, for messages ("KWS AST checkpoint").
@@ -42,8 +82,8 @@ def load_checkpoint(path: str | Path, what: str, required: Sequence[str], traine
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} not found; train it with `{MAKE_TARGET}` (python -m {trainer}), "
                                 f"or use {alternative} for a random-weight test model")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = load_plain(path, f"delete it and retrain it with `{MAKE_TARGET}` (python -m {trainer})")
     for key in required:
-        if key not in ckpt:
+        if not isinstance(ckpt, dict) or key not in ckpt:
             raise ValueError(f"{path} is not a {what} (no {key!r}); retrain it with `{MAKE_TARGET}`")
     return ckpt

