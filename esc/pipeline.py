@@ -17,20 +17,35 @@ from typing import Any
 
 import numpy as np
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from esc.calibrators import BY_NAME
 from esc.calibrators.base import CalibrationData, take_batch, use_unsigned_for_nonnegative
+from esc.core.errors import UserError
 from esc.models.base import ModelBundle, weights_fingerprint
 from esc.models.checkpoint import load_plain, save_checkpoint
 from esc.quant.model import QuantizedModel, QuantSpec, quantize_model
+from esc.quant.quantizer import GRANULARITIES, MAX_BITS, MIN_BITS
 from esc.quant.scope import Scope, build_scope
 from esc.results import portable, read_row, run_key, write_json_atomic
 
 log = logging.getLogger("esc.pipeline")
 
 AXES = ("model", "task", "precision", "scope", "calibrator", "ptq", "calibration")
+
+
+def build(node: DictConfig) -> Any:
+    """``hydra.utils.instantiate(node)``, re-raising a :class:`~esc.core.errors.UserError` or
+    ``FileNotFoundError`` from the builder as itself (Hydra wraps it), so its one sentence reaches the user."""
+    try:
+        return instantiate(node)
+    except InstantiationException as exc:
+        cause = exc.__cause__
+        if isinstance(cause, (UserError, FileNotFoundError)):
+            raise cause from None
+        raise
 
 
 def seed_everything(seed: int) -> None:
@@ -80,6 +95,34 @@ def quant_spec(node: DictConfig | None) -> QuantSpec | None:
     return None if node is None else QuantSpec(int(node.bits), bool(node.symmetric), str(node.granularity))
 
 
+def validate(cfg: DictConfig) -> None:
+    """Check the composed config before any model is built; raise :class:`~esc.core.errors.UserError`
+    with one sentence naming the bad value and the fix."""
+    for side in ("weight", "activation"):
+        node = cfg.precision.get(side)
+        if node is None:
+            continue
+        bits = node.get("bits")
+        if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+            raise UserError(f"precision.{side}.bits={bits!r} must be an integer in {MIN_BITS}..{MAX_BITS} "
+                            f"(set precision.{side}=null to keep it float)")
+        if not isinstance(node.get("symmetric"), bool):
+            raise UserError(f"precision.{side}.symmetric={node.get('symmetric')!r} must be true or false")
+        if node.get("granularity") not in GRANULARITIES:
+            raise UserError(f"precision.{side}.granularity={node.get('granularity')!r} must be one of {GRANULARITIES}")
+    for name in ("num_samples", "batch_size"):
+        value = cfg.calibration.get(name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError(f"calibration.{name}={value!r} must be a positive integer")
+    if cfg.calibration.weights not in ("minmax", "mse"):
+        raise UserError(f"calibration.weights={cfg.calibration.weights!r} must be minmax or mse")
+    if cfg.precision.activation is not None:
+        scope = scope_of(cfg)  # checks every role and override
+        unknown = {r.calibrator for r in scope.roles.values() if r.calibrator is not None} - set(BY_NAME)
+        if unknown:
+            raise UserError(f"scope {scope.name}: unknown role calibrators {sorted(unknown)}; use null or one of {sorted(BY_NAME)}")
+
+
 def scope_of(cfg: DictConfig) -> Scope:
     """The run's :class:`~esc.quant.scope.Scope`, its ``activation`` bits resolved from the precision."""
     bits = None if cfg.precision.activation is None else int(cfg.precision.activation.bits)
@@ -91,10 +134,19 @@ def prepare(cfg: DictConfig):
     seed_everything(int(cfg.seed))
     if cfg.torch_threads:
         torch.set_num_threads(int(cfg.torch_threads))
-    bundle = instantiate(cfg.model)
-    task = instantiate(cfg.task)
+    bundle = build(cfg.model)
+    check_weights(bundle.model, bundle.name)
+    task = build(cfg.task)
     task.prepare(bundle)
     return bundle, task
+
+
+def check_weights(model: torch.nn.Module, name: str) -> None:
+    """Raise a :class:`~esc.core.errors.UserError` naming the first parameter or buffer that holds NaN/Inf."""
+    for pname, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise UserError(f"model {name}: weight {pname} holds NaN/Inf; its checkpoint is damaged: rebuild it "
+                            "(make models) or check the training run that wrote it")
 
 
 def fp32_metrics(cfg: DictConfig, axes: dict[str, Any], task, bundle, weights: str) -> dict[str, float]:
@@ -164,13 +216,11 @@ def calibrate(cfg: DictConfig, qmodel: QuantizedModel, data: CalibrationData, ta
             fixed[q.calibrator].append(name)
     with qmodel.quant_state(activations=False):
         for name, members in fixed.items():
-            if name not in BY_NAME:
-                raise ValueError(f"scope {cfg.scope.name}: unknown role calibrator {name!r}; use one of {sorted(BY_NAME)} or null")
             log.info("Calibrating %d activation quantizers with %s (fixed by the scope)", len(members), name)
             with qmodel.selecting(members):
                 BY_NAME[name]().calibrate(qmodel, data)
     own = run_share(qmodel)
-    calibrator = instantiate(cfg.calibrator)
+    calibrator = build(cfg.calibrator)
     if cfg.calibration.monitor_every and hasattr(calibrator, "monitor"):  # ESC: test metric along the search
         calibrator.monitor_every = int(cfg.calibration.monitor_every)
         calibrator.monitor = lambda: task.evaluate(qmodel)[task.metric]
@@ -197,7 +247,7 @@ def execute(cfg: DictConfig, axes: dict[str, Any]) -> dict[str, Any]:
         return {**row, "metrics": fp, "task_obj": task}
 
     data = task.calibration_data(int(cfg.calibration.num_samples), int(cfg.calibration.seed))
-    ptq = instantiate(cfg.ptq)
+    ptq = build(cfg.ptq)
     float_model = bundle.model
     start = time.perf_counter()
     if ptq.stage == "before":

@@ -14,6 +14,9 @@
   (same model, task, precision, PTQ method, calibration set and seed, hence the same test clips) the
   metric difference with a 95% paired bootstrap interval; ``n.s.`` marks intervals that contain
   zero, so nobody reads noise as a result;
+* ``provenance.md``: how many rows came from which commit (``-dirty`` with the diff hash for a
+  modified tree); writing into ``results/`` is refused when the checkout or any row is dirty,
+  unless ``--allow-dirty``;
 * ``asr_loops.md`` (ASR rows): corpus WER next to the looping hypotheses, WER without them and
   the median per-utterance WER;
 
@@ -43,7 +46,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from esc.config import project_root  # noqa: E402
-from esc.results import flatten, read_rows  # noqa: E402
+from esc.results import flatten, git_state, read_rows  # noqa: E402
 from esc.stats import paired_bootstrap  # noqa: E402
 
 log = logging.getLogger("esc.report")
@@ -276,11 +279,38 @@ def archive_rows(rows_dir: Path, out: Path) -> None:
             stale.unlink()
 
 
-def build_report(rows_dir: Path, out: Path) -> pd.DataFrame:
-    """Read rows from ``rows_dir`` and write tables and plots (and a copy of the rows) to ``out``."""
+def provenance_line(rows: list[dict]) -> str:
+    """Which commits the rows came from: ``"Rows: 12 from abc1234, 3 from def5678-dirty (diff 0a1b...)"``."""
+    counts: dict[str, int] = defaultdict(int)
+    for r in rows:
+        commit = r.get("git_commit") or "unknown"
+        label = commit[:7] + ("-dirty" if commit.endswith("-dirty") else "")
+        if r.get("git_diff_sha256"):
+            label += f" (diff {r['git_diff_sha256']})"
+        counts[label] += 1
+    return "Rows: " + ", ".join(f"{n} from {label}" for label, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def dirty_sources(rows: list[dict]) -> list[str]:
+    """Why these rows would not be evidence: the current tree is modified, or some rows came from a modified tree."""
+    reasons = []
+    if (git_state()[0] or "").endswith("-dirty"):
+        reasons.append("this checkout has uncommitted changes to tracked files")
+    dirty = sum(str(r.get("git_commit", "")).endswith("-dirty") for r in rows)
+    if dirty:
+        reasons.append(f"{dirty} of {len(rows)} rows come from a modified tree")
+    return reasons
+
+
+def build_report(rows_dir: Path, out: Path, allow_dirty: bool = True) -> pd.DataFrame:
+    """Read rows from ``rows_dir`` and write tables and plots (and a copy of the rows) to ``out``;
+    with ``allow_dirty=False`` refuse (before writing anything) when :func:`dirty_sources` finds a reason."""
     rows = read_rows([rows_dir])
     if not rows:
         raise SystemExit(f"no result rows under {rows_dir}; run a sweep first (e.g. `make demo`)")
+    if not allow_dirty and (reasons := dirty_sources(rows)):
+        raise SystemExit(f"refusing to write {out}: {'; '.join(reasons)}. Commit, rerun the changed rows, or pass --allow-dirty "
+                         "(make ... ALLOW_DIRTY=1) to write them anyway")
     out.mkdir(parents=True, exist_ok=True)
     archive_rows(rows_dir, out)
     df = rows_frame(rows)
@@ -290,6 +320,8 @@ def build_report(rows_dir: Path, out: Path) -> pd.DataFrame:
     plot_metric(df, out)
     plot_fitness(rows, out)
     write_pairs(pair_table(rows, rows_dir), out)
+    (out / "provenance.md").write_text(provenance_line(rows) + "\n")
+    log.info("%s", provenance_line(rows))
     if df["ptq"].nunique() > 1 and (df["ptq"] == "none").any():
         write_pairs(pair_table(rows, rows_dir, axis="ptq", baseline="none"), out, "pairs_ptq")
     log.info("wrote %s (%d runs)", out, len(df))
@@ -302,14 +334,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--study", default="demo")
     parser.add_argument("--rows", type=Path, help="rows directory (default experiments/rows/STUDY, else the committed results/STUDY/rows)")
     parser.add_argument("--out", type=Path, help="output directory (default results/STUDY)")
+    parser.add_argument("--allow-dirty", action="store_true", help="write results/ even from a modified tree or dirty rows")
+    parser.add_argument("--check-clean", action="store_true", help="only check that the checkout has no uncommitted changes")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.check_clean:
+        if not args.allow_dirty and (git_state()[0] or "").endswith("-dirty"):
+            raise SystemExit("refusing to start: this checkout has uncommitted changes to tracked files, so its rows would "
+                             "not say which code made them. Commit first, or pass ALLOW_DIRTY=1 to make")
+        return
     root = Path(project_root())
     out = args.out or root / "results" / args.study
     rows = args.rows or root / "experiments" / "rows" / args.study
     if args.rows is None and not rows.is_dir():
         rows = out / "rows"
-    build_report(rows, out)
+    inside_results = out.resolve().is_relative_to((root / "results").resolve())
+    build_report(rows, out, allow_dirty=args.allow_dirty or not inside_results)
     print(out / "table.md")
 
 

@@ -7,8 +7,10 @@ raises writes an error row (and, inside a sweep, lets the other runs go on).
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
+import sys
 import traceback
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,15 +19,18 @@ from typing import Any
 import hydra
 import numpy as np
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from esc.config import register_resolvers
-from esc.pipeline import component_name, execute, run_axes
+from esc.core.errors import UserError
+from esc.pipeline import component_name, execute, run_axes, validate
 from esc.results import is_finished, provenance, read_row, row_path, run_key, write_json_atomic
 
 log = logging.getLogger("esc.run")
 register_resolvers()
+FAILED = "failed.jsonl"  # failed runs of a sweep, under its sweep dir
 
 
 def save_samples(path: Path, fp: dict[str, Any], quantized: dict[str, Any]) -> None:
@@ -60,7 +65,13 @@ def finish_row(cfg: DictConfig, axes: dict[str, Any], key: str, out: dict[str, A
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Run one configuration unless its row is already finished; return the row."""
+    """Run one configuration unless its row is already finished; return the row.
+
+    Bad config values raise :class:`~esc.core.errors.UserError` before anything is built. A run
+    that fails writes an error row (retried by the next sweep); inside a sweep it is also listed
+    in ``<sweep dir>/failed.jsonl`` for :class:`FailedRuns`, and the other runs go on.
+    """
+    validate(cfg)
     axes = run_axes(cfg)
     key = run_key(axes)
     rows_dir = Path(cfg.paths.rows) / cfg.study
@@ -78,12 +89,37 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         log.error("Run %s failed: %s (error row written to %s)", key, row["error"], path)
         if not in_multirun():
             raise
+        record_failure(key, row["error"])
         return row
     write_json_atomic(path, row)
     log_to_tracker(cfg, row)
     log.info("%s %s %s %s: %s fp32 %.4g -> quantized %.4g", row["model"], row["precision"], row["calibrator"], row["ptq"],
              row["metric"], row["fp32"], row["quantized"])
     return row
+
+
+def record_failure(key: str, error: str) -> None:
+    """Append a failed run (key, overrides, error) to ``<sweep dir>/failed.jsonl`` (one line, atomic append)."""
+    hc = HydraConfig.get()
+    line = json.dumps({"key": key, "overrides": list(hc.overrides.task), "error": error}) + "\n"
+    path = Path(hc.sweep.dir) / FAILED
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(line)
+
+
+class FailedRuns(Callback):
+    """Hydra callback: after a sweep, print every failed configuration and exit with status 1."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        path = Path(config.hydra.sweep.dir) / FAILED
+        if not path.is_file():
+            return
+        failed = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        lines = [f"  {' '.join(f['overrides'])}: {f['error']}" for f in failed]
+        print(f"{len(failed)} run(s) of this sweep failed (error rows written; a rerun retries them):\n" + "\n".join(lines),
+              file=sys.stderr)
+        sys.exit(1)
 
 
 def in_multirun() -> bool:
@@ -111,8 +147,12 @@ def log_to_tracker(cfg: DictConfig, row: dict[str, Any]) -> None:
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    """Hydra entry point."""
-    run(cfg)
+    """Hydra entry point: bad input ends the run with its one-sentence message and exit status 2."""
+    try:
+        run(cfg)
+    except (UserError, FileNotFoundError) as exc:
+        print(f"esc.run: {exc}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

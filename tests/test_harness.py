@@ -111,14 +111,14 @@ def test_atomic_write_keeps_old_row_when_writing_fails(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["row.json"]
 
 
-def sweep(tmp_path: Path, *extra: str, wait: bool = True):
+def sweep(tmp_path: Path, *extra: str, wait: bool = True, rc: int = 0):
     cmd = [sys.executable, "-m", "esc.run", "-m", "+experiment=tiny", f"paths.rows={tmp_path}/rows",
            f"paths.cache={tmp_path}/cache", f"paths.data={tmp_path}/data", f"hydra.sweep.dir={tmp_path}/multirun", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if not wait:
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == rc, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
 
@@ -164,12 +164,40 @@ def test_killed_sweep_keeps_finished_rows_and_resumes(tmp_path):
     assert all(r["finished_at"] == kept[r["key"]] for r in rows if r["key"] in kept)
 
 
-def test_failing_job_writes_error_row_and_sweep_goes_on(tmp_path):
-    # a checkpoint that does not exist makes every run fail; the sweep must still finish
-    sweep(tmp_path, "hydra/launcher=basic", "model=ast_kws", f"model.checkpoint={tmp_path}/missing.pt")
+def test_failing_job_writes_error_row_sweep_goes_on_and_exits_nonzero(tmp_path):
+    # a checkpoint that does not exist makes every run fail; the sweep must still finish, then say so
+    proc = sweep(tmp_path, "hydra/launcher=basic", "model=ast_kws", f"model.checkpoint={tmp_path}/missing.pt", rc=1)
     rows = read_rows([tmp_path / "rows" / "tiny"])
     assert len(rows) == 4 and all(r["status"] == "error" for r in rows)
     assert all("make models" in r["error"] for r in rows)
+    assert "4 run(s) of this sweep failed" in proc.stderr and proc.stderr.count("calibrator=") == 4
+
+
+def test_error_rows_are_retried(tmp_path):
+    sweep(tmp_path, "hydra/launcher=basic", "precision=w8a8", "calibrator=minmax")
+    (row_file,) = (tmp_path / "rows" / "tiny").glob("*.json")
+    row = json.loads(row_file.read_text())
+    write_json_atomic(row_file, {"key": row["key"], "status": "error", "error": "RuntimeError: boom"})
+    sweep(tmp_path, "hydra/launcher=basic", "precision=w8a8", "calibrator=minmax")
+    again = json.loads(row_file.read_text())
+    assert again["status"] == "ok" and again["quantized"] == pytest.approx(row["quantized"])
+
+
+@pytest.mark.parametrize("override,message", [
+    ("precision.activation.bits=4.5", "precision.activation.bits=4.5 must be an integer in 2..16"),
+    ("precision.weight.bits=32", "precision.weight.bits=32 must be an integer in 2..16"),
+    ("calibration.num_samples=0", "calibration.num_samples=0 must be a positive integer"),
+    ("scope.roles.attention_probs.grid=log3", "grid='log3' is not one of"),
+    ("scope.roles.head.calibrator=kl", "unknown role calibrators ['kl']"),
+    ("model=ast_kws model.checkpoint=/nonexistent/kws.pt", "train it with `make models`"),
+])
+def test_cli_prints_one_line_for_bad_input(tmp_path, override, message):
+    cmd = [sys.executable, "-m", "esc.run", "+experiment=tiny", *override.split(), f"paths.rows={tmp_path}/rows",
+           f"paths.cache={tmp_path}/cache", f"paths.data={tmp_path}/data"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("esc.run: ") and message in last and "Traceback" not in proc.stderr
 
 
 def test_component_names_for_classes_and_builder_functions():
@@ -231,3 +259,19 @@ def test_rows_differing_in_another_setting_are_labelled_not_merged():
     assert sorted(table["method"]) == ["esc (calibrator.generations=10)", "esc (calibrator.generations=5)",
                                        "mse (calibration.num_samples=100)", "mse (calibration.num_samples=32)"]
     assert "±" not in "".join(table.iloc[:, -1])  # no cell averages rows of different settings as if seeds
+
+
+def test_report_refuses_dirty_rows_for_results_and_states_provenance(tmp_path):
+    from esc.report import provenance_line
+
+    sweep(tmp_path, "hydra/launcher=basic", "precision=w8a8", "calibrator=minmax")
+    rows_dir = tmp_path / "rows" / "tiny"
+    (row_file,) = rows_dir.glob("*.json")
+    row = json.loads(row_file.read_text())
+    clean = {**row, "key": "k2", "git_commit": "a" * 40, "git_diff_sha256": None}
+    write_json_atomic(rows_dir / "k2.json", clean)
+    write_json_atomic(row_file, {**row, "git_commit": "b" * 40 + "-dirty", "git_diff_sha256": "0123abcd"})
+    with pytest.raises(SystemExit, match="1 of 2 rows come from a modified tree"):
+        build_report(rows_dir, tmp_path / "report", allow_dirty=False)
+    assert not (tmp_path / "report").exists()  # refused before writing anything
+    assert provenance_line(read_rows([rows_dir])) == "Rows: 1 from aaaaaaa, 1 from bbbbbbb-dirty (diff 0123abcd)"

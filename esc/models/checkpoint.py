@@ -18,13 +18,15 @@ from typing import Any, Sequence
 import torch
 from torch.torch_version import TorchVersion
 
+from esc.core.errors import UserError
+
 MAKE_TARGET = "make models"
 #: Classes allowed beyond torch's weights-only defaults: ``TorchVersion`` (a ``str`` subclass) is how
 #: checkpoints trained before recipes stored ``str(torch.__version__)`` record the torch version.
 SAFE_GLOBALS = (TorchVersion,)
 
 
-class RefusedFileError(ValueError):
+class RefusedFileError(UserError):
     """A ``torch.save`` file refused by :func:`load_plain`: it holds more than tensors and plain values, or is damaged."""
 
 

@@ -18,11 +18,13 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from esc.core.errors import UserError
+
 GRANULARITIES = ("tensor", "channel")
 MIN_BITS, MAX_BITS = 2, 16
 
 
-class QuantizationError(ValueError):
+class QuantizationError(UserError):
     """Raised for invalid quantizer settings or unusable calibration data."""
 
 

@@ -1,0 +1,1 @@
+"""Neutral types every layer may use (errors the user can fix)."""
