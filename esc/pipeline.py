@@ -28,6 +28,7 @@ from esc.models.base import ModelBundle, weights_fingerprint
 from esc.models.checkpoint import load_plain, save_checkpoint
 from esc.quant.model import QuantizedModel, QuantSpec, quantize_model
 from esc.quant.quantizer import GRANULARITIES, MAX_BITS, MIN_BITS
+from esc.quant.roles import matches
 from esc.quant.scope import Scope, build_scope
 from esc.results import portable, read_row, run_key, write_json_atomic
 
@@ -175,6 +176,12 @@ def quantize(cfg: DictConfig, bundle: ModelBundle, float_model: torch.nn.Module,
         groups = qmodel.share_quantizers(lambda: data.forward(qmodel, take_batch(data.batches[0], 1)))
         log.info("Scope %s: %d activation quantizers (%d tensors read by several slots quantized once)",
                  scope.name, len(qmodel.all_activation_quantizers), len(groups))
+    if scope.float_prefix:
+        if not bundle.prefix_modules:
+            raise UserError(f"scope.float_prefix=true, but model {bundle.name} declares no prompt prefix (prefix_modules); "
+                            "use it with Whisper, or set scope.float_prefix=false")
+        qmodel.prefix_quantizers = [n for n in qmodel.all_activation_quantizers if matches(n.rpartition(".")[0], bundle.prefix_modules)]
+        log.info("Float prompt prefix: %d decoder quantizers skip the prompt positions", len(qmodel.prefix_quantizers))
     if cfg.precision.weight is not None:
         qmodel.calibrate_weights(cfg.calibration.weights)
     return qmodel

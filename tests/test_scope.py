@@ -167,3 +167,34 @@ def test_shared_quantizer_rounds_and_observes_a_tensor_once():
     assert q(x) is y and q(y) is y and len(calls) == 1
     x.add_(1.0)  # an in-place change makes it another tensor
     assert q(x) is not y and len(calls) == 2
+
+
+def test_float_prefix_leaves_prompt_positions_float_and_quantizes_text(data_dir):
+    from esc.tasks.asr import teacher_forced_logits
+
+    cfg, bundle, t, data, q = pipeline_model(data_dir, "whisper_tiny_random", "asr_tiny", "linear", "scope.float_prefix=true")
+    assert q.prefix_quantizers and all(n.startswith(("model.decoder.", "proj_out.")) for n in q.prefix_quantizers)
+    assert not any(n.startswith("model.encoder.") or ".encoder_attn.k_proj" in n for n in q.prefix_quantizers)
+    assert any(".encoder_attn.q_proj" in n for n in q.prefix_quantizers) and any(".fc2." in n for n in q.prefix_quantizers)
+    batch = data.batches[0]
+    p, length = batch["prompt_length"], batch["decoder_input_ids"].shape[1]
+    one_pass = lambda m: m(input_features=batch["input_features"], decoder_input_ids=batch["decoder_input_ids"],  # noqa: E731
+                           use_cache=False).logits
+    with torch.no_grad():
+        with q.quant_state(weights=False, activations=False):  # in float, prompt-then-text equals one pass
+            torch.testing.assert_close(teacher_forced_logits(q, batch), one_pass(bundle.model), atol=1e-4, rtol=1e-4)
+        calibrate(cfg, q, data, t, data_dir / "prefix.pt")
+        head_inputs = []
+        head = q.model.proj_out.input_quantizer
+        with q.quant_state(observers={head.name: lambda x: head_inputs.append(x.shape[1])}):
+            quantized = teacher_forced_logits(q, batch)
+        with q.prefix_in_float():  # reference: the decoder float everywhere, the encoder quantized as above
+            reference = one_pass(q)
+    assert head_inputs == [length - p]  # the decoder quantizers see (and were calibrated on) text positions only
+    torch.testing.assert_close(quantized[:, :p], reference[:, :p], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(quantized[:, p:], reference[:, p:], atol=1e-3)
+
+
+def test_float_prefix_needs_a_model_with_a_prompt(data_dir):
+    with pytest.raises(Exception, match="declares no prompt prefix"):
+        pipeline_model(data_dir, "ast_tiny", "kws_tiny", "paper", "scope.float_prefix=true")

@@ -23,6 +23,8 @@ class ModelBundle:
         extras: anything a task needs to drive this model (a tokenizer, generation settings...).
         head: glob patterns of the head modules (classifier, vocabulary projection): their input
             has the ``head`` role of :mod:`esc.quant.roles`.
+        prefix_modules: glob patterns of the modules that process a fixed prompt prefix (Whisper's
+            decoder and vocabulary projection), kept float on those positions by ``scope.float_prefix``.
         revisions: hub repository -> the commit the model was loaded from (hub models only; result rows record it).
     """
 
@@ -33,6 +35,7 @@ class ModelBundle:
     labels: Optional[list[str]] = None
     extras: dict = field(default_factory=dict)
     head: tuple[str, ...] = ()
+    prefix_modules: tuple[str, ...] = ()
     revisions: dict[str, str] = field(default_factory=dict)
 
 

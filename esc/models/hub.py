@@ -518,7 +518,7 @@ def build_whisper_hub(name_or_path: str = HUB_IDS["whisper_base_hub"], tiny: boo
     extras.update(encoder_frames=frames, hub_id=hub_id)
     frontend = whisper.WhisperLogMel(n_mels=hf.config.num_mel_bins, frames=frames)
     return ModelBundle(name=name, model=_finish(hf), frontend=frontend, sample_rate=SAMPLE_RATE, extras=extras,
-                       head=("proj_out",), revisions=revisions)
+                       head=("proj_out",), prefix_modules=whisper.WHISPER_PREFIX_MODULES, revisions=revisions)
 
 
 BUILDERS = {"ast_speechcommands": build_ast_speechcommands, "ast_audioset": build_ast_audioset,

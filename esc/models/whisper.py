@@ -62,6 +62,12 @@ WHEELS = {
 CT2_ACTIVATIONS = {0: "relu", 1: "gelu_new", 2: "silu", 3: "gelu", 4: "quick_gelu", 5: "tanh"}
 
 ATTN_IMPLEMENTATION = "esc_matmul"
+#: Modules that run at every decoder position (``scope.float_prefix`` keeps them float on the prompt
+#: positions): all of the decoder but the cross-attention K/V projections, which read the encoder
+#: output once and are cached.
+WHISPER_PREFIX_MODULES = ("model.decoder.layers.*.self_attn*", "model.decoder.layers.*.encoder_attn.[!kv]*",
+                          "model.decoder.layers.*.*layer_norm", "model.decoder.layers.*.fc[12]", "model.decoder.layer_norm",
+                          "proj_out")
 SPECIAL_TOKENS = ("<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|transcribe|>", "<|notimestamps|>")
 
 
@@ -356,7 +362,8 @@ def bundle_from_ct2(name: str, ct2: CT2Model, tokenizer, suppress_ids: Sequence[
     frontend = WhisperLogMel(n_mels=model.config.num_mel_bins, frames=frames)
     extras = decoding_extras(tokenizer, suppress_ids, suppress_ids_begin, max_new_tokens)
     extras["encoder_frames"] = frames
-    return ModelBundle(name=name, model=model, frontend=frontend, sample_rate=16000, extras=extras, head=("proj_out",))
+    return ModelBundle(name=name, model=model, frontend=frontend, sample_rate=16000, extras=extras, head=("proj_out",),
+                       prefix_modules=WHISPER_PREFIX_MODULES)
 
 
 def build_whisper(size: str = "base", download: bool = False, encoder_frames: Optional[int] = None,

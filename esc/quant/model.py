@@ -64,6 +64,7 @@ class QuantizedModel(nn.Module):
         super().__init__()
         self.model = model
         self._selection: Optional[frozenset[str]] = None
+        self.prefix_quantizers: list[str] = []  # quantizers kept float on a fixed prompt prefix (see prefix_in_float)
 
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
@@ -122,6 +123,21 @@ class QuantizedModel(nn.Module):
             self.set_quant_state(weights, activations)
             for name, fn in (observers or {}).items():
                 quantizers[name].observer = fn
+            yield self
+        finally:
+            for n, (enabled, observer) in saved.items():
+                quantizers[n].enabled, quantizers[n].observer = enabled, observer
+
+    @contextlib.contextmanager
+    def prefix_in_float(self):
+        """Inside the block the :attr:`prefix_quantizers` neither quantize nor observe: a task runs a
+        model's fixed prompt prefix (Whisper's decoder prompt) in it, so those quantizers are
+        calibrated on, and applied to, the other positions only (the PrefixQuant idea)."""
+        quantizers = self.all_activation_quantizers
+        saved = {n: (quantizers[n].enabled, quantizers[n].observer) for n in self.prefix_quantizers}
+        try:
+            for n in saved:
+                quantizers[n].enabled, quantizers[n].observer = False, None
             yield self
         finally:
             for n, (enabled, observer) in saved.items():

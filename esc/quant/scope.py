@@ -11,6 +11,14 @@ an axis of every run and part of every row's key. The named scopes:
 * ``linear``: Conv/Linear and head inputs only.
 * ``full``: the scope of the rows before scopes existed: every Conv/Linear input, LayerNorm output
   and attention operand with the run's calibrator, no LayerNorm input, each slot its own quantizer.
+
+``float_prefix: true`` (any scope) runs a model's fixed prompt prefix (Whisper's decoder prompt
+``<|startoftranscript|><|en|><|transcribe|><|notimestamps|>``) with the quantizers of its
+``prefix_modules`` in float, as a deployment serving those positions from a float cache would
+(PrefixQuant, Chen et al. 2024, for an LLM's prefix tokens): those quantizers are calibrated on,
+and applied to, the text positions only. Approximation: the prompt positions' cached keys and
+values are float, but a text step's K/V operand quantizer (scopes that quantize attention
+operands) still rounds the whole cached K/V, prompt positions included.
 """
 from __future__ import annotations
 
@@ -53,6 +61,7 @@ class Scope:
     roles: dict[str, RoleSpec]
     overrides: tuple[Override, ...] = ()
     one_quantizer_per_tensor: bool = True
+    float_prefix: bool = False
 
     def skipped(self, module: str) -> bool:
         """True when ``module`` is left entirely in float (weights included)."""
@@ -106,7 +115,7 @@ def build_scope(cfg: dict, activation_bits: Optional[int]) -> Scope:
         overrides.append(Override(o["pattern"], bool(o.get("skip", False)),
                                   bits if bits == "keep" else _bits(bits, activation_bits, f"{name!r} override {o['pattern']}"),
                                   o.get("calibrator", "keep")))
-    return Scope(name, roles, tuple(overrides), bool(cfg.get("one_quantizer_per_tensor", True)))
+    return Scope(name, roles, tuple(overrides), bool(cfg.get("one_quantizer_per_tensor", True)), bool(cfg.get("float_prefix", False)))
 
 
 def full_scope(activation_bits: Optional[int]) -> Scope:

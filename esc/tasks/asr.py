@@ -26,6 +26,7 @@ entropy against the labels.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -76,7 +77,8 @@ def greedy_decode(model: nn.Module, features: torch.Tensor, prompt_ids: Sequence
     """
     b = features.shape[0]
     ids = torch.tensor(list(prompt_ids), dtype=torch.long).repeat(b, 1)
-    out = model(input_features=features, decoder_input_ids=ids, use_cache=True)
+    with prompt_prefix(model):
+        out = model(input_features=features, decoder_input_ids=ids, use_cache=True)
     cache, enc = out.cache, out.encoder_last_hidden_state
     finished = torch.zeros(b, dtype=torch.bool)
     tokens: list[torch.Tensor] = []
@@ -102,7 +104,7 @@ def greedy_decode(model: nn.Module, features: torch.Tensor, prompt_ids: Sequence
 
 def teacher_forcing_batch(features: torch.Tensor, transcripts: Sequence[Sequence[int]], prompt_ids: Sequence[int],
                           eos_id: int) -> dict[str, torch.Tensor]:
-    """``{"input_features", "decoder_input_ids", "labels"}`` for teacher forcing on ``transcripts``.
+    """``{"input_features", "decoder_input_ids", "labels", "prompt_length"}`` for teacher forcing on ``transcripts``.
 
     ``decoder_input_ids[i] = prompt + transcript_i`` right-padded with ``eos_id``; ``labels[i, t]``
     is the token after position ``t`` (``transcript_i + [eos]`` from the last prompt position on),
@@ -117,12 +119,31 @@ def teacher_forcing_batch(features: torch.Tensor, transcripts: Sequence[Sequence
         ids[i, : len(seq)] = torch.tensor(seq)
         target = list(t) + [eos_id]
         labels[i, p - 1: p - 1 + len(target)] = torch.tensor(target)
-    return {"input_features": features, "decoder_input_ids": ids, "labels": labels}
+    return {"input_features": features, "decoder_input_ids": ids, "labels": labels, "prompt_length": p}
+
+
+def prompt_prefix(model: nn.Module):
+    """The model's context for running the fixed prompt positions (a quantized model with a float
+    prompt prefix keeps its decoder quantizers off there), else a no-op."""
+    ctx = getattr(model, "prefix_in_float", None)
+    return ctx() if ctx is not None and getattr(model, "prefix_quantizers", None) else contextlib.nullcontext()
 
 
 def teacher_forced_logits(model: nn.Module, batch: dict) -> torch.Tensor:
-    """Decoder logits ``[B, L, vocab]`` of ``model`` teacher-forced on ``batch["decoder_input_ids"]``."""
-    return model(input_features=batch["input_features"], decoder_input_ids=batch["decoder_input_ids"], use_cache=False).logits
+    """Decoder logits ``[B, L, vocab]`` of ``model`` teacher-forced on ``batch["decoder_input_ids"]``.
+
+    A model with a float prompt prefix runs the ``batch["prompt_length"]`` prompt positions first
+    (in :func:`prompt_prefix`, filling the KV cache) and the transcript positions after, as greedy
+    decoding does; otherwise one pass over all positions.
+    """
+    ids = batch["decoder_input_ids"]
+    if not getattr(model, "prefix_quantizers", None):
+        return model(input_features=batch["input_features"], decoder_input_ids=ids, use_cache=False).logits
+    p = int(batch["prompt_length"])
+    with prompt_prefix(model):
+        head = model(input_features=batch["input_features"], decoder_input_ids=ids[:, :p], use_cache=True)
+    rest = model(encoder_outputs=(head.encoder_last_hidden_state,), decoder_input_ids=ids[:, p:], cache=head.cache, use_cache=True)
+    return torch.cat([head.logits, rest.logits], dim=1)
 
 
 def token_cross_entropy(logits: torch.Tensor, batch: dict) -> torch.Tensor:
