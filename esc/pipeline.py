@@ -7,6 +7,7 @@ evaluate. :func:`execute` chains them; the analyses call the stages they need.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import random
@@ -240,45 +241,67 @@ def calibrate(cfg: DictConfig, qmodel: QuantizedModel, data: CalibrationData, ta
     return {**result, "cached": False}
 
 
+class StageTimer:
+    """Wall-clock seconds per named stage of a run (``with timer("calibrate"): ...``), summed per name."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+
+
 def execute(cfg: DictConfig, axes: dict[str, Any]) -> dict[str, Any]:
-    """Run one configuration and return its result row (without provenance)."""
+    """Run one configuration and return its result row (without provenance); ``stage_seconds`` times
+    each stage (build, fp32, calibration_data, ptq, quantize, calibrate, level_utilisation, evaluate)."""
+    timer = StageTimer()
     log.info("Building model %s and task %s", component_name(axes["model"]), component_name(axes["task"]))
-    bundle, task = prepare(cfg)
-    weights = weights_fingerprint(bundle.model)
-    fp = fp32_metrics(cfg, axes, task, bundle, weights)
+    with timer("build"):
+        bundle, task = prepare(cfg)
+        weights = weights_fingerprint(bundle.model)
+    with timer("fp32"):
+        fp = fp32_metrics(cfg, axes, task, bundle, weights)
     row: dict[str, Any] = {"fp32_metrics": fp, "weights_fingerprint": weights, "data_hashes": dict(task.data_hashes),
                            "calib_seconds": 0.0, "calibration_cached": False, "ptq_seconds": 0.0, "forward_passes": 0,
-                           "n_act_quantizers": 0, "n_weight_quantizers": 0, "calib_samples": 0, "history": {}, "quantizers": []}
+                           "n_act_quantizers": 0, "n_weight_quantizers": 0, "calib_samples": 0, "history": {}, "quantizers": [],
+                           "stage_seconds": timer.seconds}
     row["revisions"] = {**bundle.revisions, **task.revisions}  # hub commits of the model and data sets (empty offline)
     if cfg.precision.weight is None and cfg.precision.activation is None:
         return {**row, "metrics": fp, "task_obj": task}
 
-    data = task.calibration_data(int(cfg.calibration.num_samples), int(cfg.calibration.seed))
+    with timer("calibration_data"):
+        data = task.calibration_data(int(cfg.calibration.num_samples), int(cfg.calibration.seed))
     ptq = build(cfg.ptq)
     float_model = bundle.model
-    start = time.perf_counter()
     if ptq.stage == "before":
         log.info("PTQ %s on the float model", ptq.name)
-        float_model = copy.deepcopy(float_model)
-        ptq.apply(float_model, data)
-    ptq_seconds = time.perf_counter() - start
-    qmodel = quantize(cfg, bundle, float_model, data)
+        with timer("ptq"):
+            float_model = copy.deepcopy(float_model)
+            ptq.apply(float_model, data)
+    with timer("quantize"):
+        qmodel = quantize(cfg, bundle, float_model, data)
     if cfg.precision.activation is not None:
         cache = calibration_path(cfg, axes, ptq.stage, weights, task.data_hashes)
-        result = calibrate(cfg, qmodel, data, task, cache)
+        with timer("calibrate"):
+            result = calibrate(cfg, qmodel, data, task, cache)
         row.update(calib_seconds=result["seconds"], forward_passes=result["forward_passes"], history=result["history"],
                    calibration_cached=result["cached"])
     if ptq.stage == "after" and ptq.name != "none":
         log.info("PTQ %s on the calibrated model", ptq.name)
-        start = time.perf_counter()
-        ptq.apply(qmodel, data)
-        ptq_seconds += time.perf_counter() - start
-    qmodel.measure_level_utilisation(data.batches, data.forward)
+        with timer("ptq"):
+            ptq.apply(qmodel, data)
+    with timer("level_utilisation"):
+        qmodel.measure_level_utilisation(data.batches, data.forward)
     log.info("Evaluating the quantized model")
-    start = time.perf_counter()
-    metrics = task.evaluate(qmodel)
-    eval_seconds = time.perf_counter() - start
-    return {**row, "metrics": metrics, "ptq_seconds": ptq_seconds, "eval_seconds": eval_seconds, "calib_samples": data.num_samples,
+    with timer("evaluate"):
+        metrics = task.evaluate(qmodel)
+    return {**row, "metrics": metrics, "ptq_seconds": timer.seconds.get("ptq", 0.0), "eval_seconds": timer.seconds["evaluate"],
+            "calib_samples": data.num_samples,
             "n_act_quantizers": sum(q.enabled for q in qmodel.all_activation_quantizers.values()),
             "n_weight_quantizers": sum(q.enabled for q in qmodel.weight_quantizers.values()),
             "quantizers": qmodel.summary(), "task_obj": task}

@@ -132,6 +132,9 @@ def test_tiny_sweep_rows_rerun_and_report(tmp_path):
         assert r["versions"]["torch"] and "git_commit" in r and r["metric"] == "accuracy"
         assert r["drop"] == pytest.approx(r["fp32"] - r["quantized"])
         assert all(q["clip_hi"] > 0 for q in r["quantizers"])
+        stages = r["stage_seconds"]  # per-stage timings, the calibration among them
+        assert {"build", "fp32", "quantize", "calibrate", "evaluate"} <= set(stages) and min(stages.values()) >= 0
+        assert stages["calibrate"] >= r["calib_seconds"] > 0
     stamps = {r["key"]: r["finished_at"] for r in rows}
     sweep(tmp_path)  # rerun: every row is skipped, nothing duplicated or rewritten
     rows2 = read_rows([tmp_path / "rows" / "tiny"])
