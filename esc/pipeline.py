@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import os
 import random
 import time
 from collections import defaultdict
@@ -58,8 +59,9 @@ def seed_everything(seed: int) -> None:
 
 
 def path_roots(cfg: DictConfig) -> dict[str, str]:
-    """The configured directories (``paths.root``, ``paths.data``, ...) as absolute paths, for :func:`esc.results.portable`."""
-    return {f"paths.{k}": str(Path(v).resolve()) for k, v in OmegaConf.to_container(cfg.paths, resolve=True).items()}
+    """The configured directories (``paths.root``, ``paths.data``, ...) as absolute paths, for :func:`esc.results.portable`
+    (normalised, symlinks kept: a ``data`` link to another disk still counts as ``${paths.data}``)."""
+    return {f"paths.{k}": os.path.abspath(v) for k, v in OmegaConf.to_container(cfg.paths, resolve=True).items()}
 
 
 def run_axes(cfg: DictConfig) -> dict[str, Any]:

@@ -231,7 +231,8 @@ def pair_table(rows: list[dict], rows_dir: Path, n_boot: int = 1000, axis: str =
     (``calibrator``: every calibrator pair; ``ptq`` with ``baseline="none"``: each PTQ method
     against calibration alone), on the same test clips. Rows with a setting label
     (:func:`setting_labels`) carry it in ``value`` / ``versus``."""
-    ok = [r for r in rows if r.get("status") == "ok" and r.get("precision") != "fp32" and r.get("task_class")]
+    ok = [{**r, "scope": r.get("scope", SCOPE_BEFORE_AXIS)} for r in rows
+          if r.get("status") == "ok" and r.get("precision") != "fp32" and r.get("task_class")]
     labels = setting_labels(ok)
     fixed = [a for a in PAIR_AXES if a != axis]
     order = CALIBRATOR_ORDER if axis == "calibrator" else [baseline] if baseline else []
