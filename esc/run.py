@@ -4,8 +4,9 @@
 grid (joblib locally, submitit on Slurm). Steps of a run: build the model and task; evaluate FP32
 (cached per model/task/seed, so a sweep evaluates it once); draw the calibration set; apply a
 "before" PTQ method; insert quantizers; calibrate weights and activations; apply an "after" PTQ
-method; measure level utilisation; evaluate; write the row. A finished row is never recomputed;
-a run that raises writes an error row (and, inside a sweep, lets the other runs go on).
+method; measure level utilisation; evaluate; write the row (and, with ``export=<dir>``, the calibrated
+model as ONNX QDQ, :func:`export_path`). A finished row is never recomputed (unless its requested
+export is missing); a run that raises writes an error row (and, inside a sweep, lets the other runs go on).
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from esc.calibrators.base import use_unsigned_for_nonnegative
 from esc.config import register_resolvers
+from esc.export.onnx import example_inputs, export_onnx
 from esc.models.base import weights_fingerprint
 from esc.models.checkpoint import save_checkpoint
 from esc.quant.model import QuantSpec, quantize_model
@@ -148,6 +150,14 @@ def calibrate_activations(cfg: DictConfig, qmodel, data, task, path: Path) -> di
     return {**result, "cached": False}
 
 
+def export_path(cfg: DictConfig, key: str) -> Path | None:
+    """Where run ``key`` writes its ONNX QDQ export: ``<export>/<key>.onnx``; ``None`` when ``export`` is
+    unset or the precision quantizes nothing."""
+    if not cfg.get("export") or (cfg.precision.weight is None and cfg.precision.activation is None):
+        return None
+    return Path(cfg.export) / f"{key}.onnx"
+
+
 def execute(cfg: DictConfig, axes: dict[str, Any]) -> dict[str, Any]:
     """Run one configuration and return its result row (without provenance)."""
     seed_everything(cfg.seed)
@@ -190,6 +200,11 @@ def execute(cfg: DictConfig, axes: dict[str, Any]) -> dict[str, Any]:
     qmodel.measure_level_utilisation(data.batches, data.forward)
     log.info("Evaluating the quantized model")
     metrics = task.evaluate(qmodel)
+    onnx_path = export_path(cfg, run_key(axes))
+    if onnx_path is not None:
+        export_onnx(qmodel, example_inputs(qmodel, lambda: data.forward(qmodel, data.batches[0])), onnx_path,
+                    {"row_key": run_key(axes), "axes": axes, **provenance()})
+        log.info("ONNX QDQ export written to %s", onnx_path)
     return {**row, "metrics": metrics, "ptq_seconds": ptq_seconds, "calib_samples": data.num_samples,
             "n_act_quantizers": sum(q.enabled for q in qmodel.activation_quantizers.values()),
             "n_weight_quantizers": sum(q.enabled for q in qmodel.weight_quantizers.values()),
@@ -222,7 +237,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     key = run_key(axes)
     rows_dir = Path(cfg.paths.rows) / cfg.study
     path = row_path(rows_dir, key)
-    if is_finished(rows_dir, key):
+    onnx_path = export_path(cfg, key)
+    if is_finished(rows_dir, key) and (onnx_path is None or onnx_path.is_file()):
         log.info("Row %s already finished (%s): skipping", key, path)
         return read_row(path)
     log.info("Run %s -> %s", key, path)
