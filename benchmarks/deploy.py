@@ -98,7 +98,7 @@ def deploy_pair(pair: str, calibrators: list[str], args) -> tuple[list[dict], st
     lines, ops = [], ""
     for calibrator in calibrators:
         cfg = compose(base + [f"calibrator={calibrator}"])
-        line = {"pair": pair, "calibrator": calibrator, "precision": args.precision, "metric": task.metric}
+        line = {"pair": pair, "model": bundle.name, "calibrator": calibrator, "precision": args.precision, "metric": task.metric}
         if calibrator == "esc" and not esc_is_cached(cfg, bundle, task):
             lines.append({**line, "note": "not run: no cached ESC calibration"})
             log.info("%s esc: no cached calibration, skipped", pair)
@@ -113,7 +113,7 @@ def deploy_pair(pair: str, calibrators: list[str], args) -> tuple[list[dict], st
         fake_pred = predictions({k.removeprefix("quantized/"): fake[k] for k in fake.files if k.startswith("quantized/")})
         agree = predictions(int8["per_sample"]) == fake_pred
         ms = latency_ms({"fp32": fp32_ort, "int8": int8_ort}, clips[0], args.repeats)
-        line.update(model=row["model"], row_key=key, fp32_torch=row["fp32"], fake_quant=row["quantized"],
+        line.update(row_key=key, fp32_torch=row["fp32"], fake_quant=row["quantized"],
                     ort_int8=int8[task.metric], ort_fp32=fp32_ort_metric, gap=int8[task.metric] - row["quantized"],
                     agreement=float(agree.mean()), disagreeing=int((~agree).sum()), clips=int(agree.size),
                     ms_fp32=ms["fp32"], ms_int8=ms["int8"], speedup=ms["fp32"] / ms["int8"], threads=args.threads)

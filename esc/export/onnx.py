@@ -315,16 +315,20 @@ class OnnxRuntimeModel(nn.Module):
     Args:
         path: the ONNX file.
         threads: intra-op threads (inter-op: 1, sequential execution).
-        optimized_path: where onnxruntime writes the graph it runs after its optimizations (QDQ
-            fusion into integer kernels; ``ORT_ENABLE_ALL``), for :func:`op_kinds`.
+        optimized_path: where onnxruntime writes the graph it runs after its optimizations, for
+            :func:`op_kinds`.
+        optimization: onnxruntime's graph optimization level; the default ``ORT_ENABLE_ALL`` fuses
+            QDQ into integer kernels, ``ORT_ENABLE_BASIC`` runs QuantizeLinear/DequantizeLinear
+            and float kernels as exported.
     """
 
-    def __init__(self, path: str | Path, threads: int = 1, optimized_path: str | Path | None = None) -> None:
+    def __init__(self, path: str | Path, threads: int = 1, optimized_path: str | Path | None = None,
+                 optimization: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL) -> None:
         super().__init__()
         options = ort.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = int(threads), 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.graph_optimization_level = optimization
         if optimized_path is not None:
             options.optimized_model_filepath = str(optimized_path)
         self.path = Path(path)
