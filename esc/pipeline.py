@@ -26,13 +26,14 @@ from omegaconf import DictConfig, OmegaConf
 from esc.calibrators import BY_NAME
 from esc.calibrators.base import CalibrationData, take_batch, use_unsigned_for_nonnegative
 from esc.core.errors import UserError
+from esc.export.onnx import example_inputs, export_onnx
 from esc.models.base import ModelBundle, weights_fingerprint
 from esc.models.checkpoint import load_plain, save_checkpoint
 from esc.quant.model import QuantizedModel, QuantSpec, quantize_model
 from esc.quant.quantizer import GRANULARITIES, MAX_BITS, MIN_BITS
 from esc.quant.roles import matches
 from esc.quant.scope import Scope, build_scope
-from esc.results import portable, read_row, run_key, write_json_atomic
+from esc.results import portable, provenance, read_row, run_key, write_json_atomic
 
 log = logging.getLogger("esc.pipeline")
 
@@ -243,6 +244,14 @@ def calibrate(cfg: DictConfig, qmodel: QuantizedModel, data: CalibrationData, ta
     return {**result, "cached": False}
 
 
+def export_path(cfg: DictConfig, key: str) -> Path | None:
+    """Where run ``key`` writes its ONNX QDQ export: ``<export>/<key>.onnx``; ``None`` when ``export`` is
+    unset or the precision quantizes nothing."""
+    if not cfg.get("export") or (cfg.precision.weight is None and cfg.precision.activation is None):
+        return None
+    return Path(cfg.export) / f"{key}.onnx"
+
+
 class StageTimer:
     """Wall-clock seconds per named stage of a run (``with timer("calibrate"): ...``), summed per name."""
 
@@ -302,6 +311,12 @@ def execute(cfg: DictConfig, axes: dict[str, Any]) -> dict[str, Any]:
     log.info("Evaluating the quantized model")
     with timer("evaluate"):
         metrics = task.evaluate(qmodel)
+    onnx_path = export_path(cfg, run_key(axes))
+    if onnx_path is not None:
+        with timer("export"):
+            export_onnx(qmodel, example_inputs(qmodel, lambda: data.forward(qmodel, data.batches[0])), onnx_path,
+                        {"row_key": run_key(axes), "axes": axes, **provenance()})
+        log.info("ONNX QDQ export written to %s", onnx_path)
     return {**row, "metrics": metrics, "ptq_seconds": timer.seconds.get("ptq", 0.0), "eval_seconds": timer.seconds["evaluate"],
             "calib_samples": data.num_samples,
             "n_act_quantizers": sum(q.enabled for q in qmodel.all_activation_quantizers.values()),

@@ -2,8 +2,9 @@
 
 ``python -m esc.run [group=option ...]`` runs one configuration; ``python -m esc.run -m ...`` sweeps a
 grid (joblib locally, submitit on Slurm). The stages of a run live in :mod:`esc.pipeline`; this
-module keys the run, skips a finished row, and writes the row with its provenance. A run that
-raises writes an error row (and, inside a sweep, lets the other runs go on).
+module keys the run, skips a finished row (unless its requested ``export=<dir>`` ONNX file is
+missing), and writes the row with its provenance. A run that raises writes an error row (and,
+inside a sweep, lets the other runs go on).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from omegaconf import DictConfig
 
 from esc.config import register_resolvers
 from esc.core.errors import UserError
-from esc.pipeline import component_name, execute, run_axes, validate
+from esc.pipeline import component_name, execute, export_path, run_axes, validate
 from esc.results import is_finished, provenance, read_row, row_path, run_key, write_json_atomic
 
 log = logging.getLogger("esc.run")
@@ -76,7 +77,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     key = run_key(axes)
     rows_dir = Path(cfg.paths.rows) / cfg.study
     path = row_path(rows_dir, key)
-    if is_finished(rows_dir, key):
+    onnx_path = export_path(cfg, key)
+    if is_finished(rows_dir, key) and (onnx_path is None or onnx_path.is_file()):
         log.info("Row %s already finished (%s): skipping", key, path)
         return read_row(path)
     log.info("Run %s -> %s", key, path)

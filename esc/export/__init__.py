@@ -1,0 +1,1 @@
+"""ONNX QDQ export of calibrated models and their integer execution with onnxruntime (see :mod:`esc.export.onnx`)."""
