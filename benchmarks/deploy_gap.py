@@ -26,9 +26,10 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
+from esc.calibrators.weights import calibrate_weights
 from esc.config import compose, project_root
 from esc.export.onnx import OnnxRuntimeModel, export_mode
-from esc.models.base import weights_fingerprint
+from esc.core.bundle import weights_fingerprint
 from esc.quant.model import quantize_model
 from esc.results import run_key
 from esc.run import calibration_path, export_path, quant_spec, run_axes
@@ -56,7 +57,7 @@ def main(overrides: list[str]) -> None:
     axes = run_axes(cfg)
     qmodel = quantize_model(bundle.model, weight=quant_spec(cfg.precision.weight), activation=quant_spec(cfg.precision.activation),
                             skip=bundle.skip_quantization)
-    qmodel.calibrate_weights(cfg.calibration.weights)
+    calibrate_weights(qmodel, cfg.calibration.weights)
     cache = calibration_path(cfg, axes, instantiate(cfg.ptq).stage, weights_fingerprint(bundle.model), task.data_hashes)
     qmodel.load_activation_state(torch.load(cache, weights_only=False)["state"])
     path = export_path(cfg, run_key(axes))

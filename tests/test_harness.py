@@ -235,7 +235,7 @@ def test_after_ptq_runs_share_one_cached_calibration(tmp_path):
 def test_weights_fingerprint_changes_with_any_weight():
     import torch
 
-    from esc.models.base import weights_fingerprint
+    from esc.core.bundle import weights_fingerprint
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
     before = weights_fingerprint(model)

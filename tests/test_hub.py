@@ -373,7 +373,7 @@ def test_reproduce_offline_exits_2_with_message():
 
 
 def test_offline_hub_loads_say_what_is_needed(tmp_path):
-    code = ("from esc.models.hub import build_conformer_ctc, HubUnavailableError\n"
+    code = ("from esc.models.hub import build_conformer_ctc\nfrom esc.data.hub import HubUnavailableError\n"
             "from esc.data.hub import load_librispeech\n"
             "for f in (build_conformer_ctc, lambda: load_librispeech(cache_dir=%r)):\n"
             "    try:\n        f()\n    except HubUnavailableError as e:\n        print('MSG', e)\n" % str(tmp_path))

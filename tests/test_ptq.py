@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from esc.calibrators.weights import calibrate_weights
 from esc.calibrators.base import CalibrationData
 from esc.ptq.adaround import AdaRound, IOCache, SoftRounding
 from esc.ptq.base import NoPTQ
@@ -407,7 +408,7 @@ def test_after_methods_compose_with_other_calibrators(calibrator):
     model = TinyConvTransformer().eval()
     data = make_data(8, 4, mean=1.0)
     qmodel = quantize_model(model, W4, QuantSpec(4))
-    qmodel.calibrate_weights("mse")
+    calibrate_weights(qmodel, "mse")
     cal.calibrate(qmodel, data)
     scales = qmodel.activation_scales().clone()
     for method in (BiasCorrection(), AdaRound(iterations=10, batch_size=4), BRECQ(iterations=10, batch_size=4)):

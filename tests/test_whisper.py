@@ -318,7 +318,7 @@ def test_quantized_w8a8_forward_and_decoding(tiny_task):
 # ------------------------------------------------------------------------------ the real model
 @pytest.mark.slow
 def test_real_whisper_base_transcribes_synthesized_sentence():
-    from esc.models.fetch import WeightsNotFoundError
+    from esc.data.fetch import WeightsNotFoundError
 
     try:
         from esc.models.whisper import build_whisper

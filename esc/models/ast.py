@@ -27,7 +27,7 @@ import torchaudio
 from torch import nn
 
 from esc.models import checkpoint as checkpoint_io
-from esc.models.base import ModelBundle
+from esc.core.bundle import ModelBundle
 from esc.models.checkpoint import MAKE_TARGET
 from esc.quant.modules import MatMul
 

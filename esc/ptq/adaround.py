@@ -44,7 +44,7 @@ class SoftRounding(nn.Module):
         super().__init__()
         if not quantizer.is_calibrated or quantizer.population_size:
             raise QuantizationError(f"weight quantizer {quantizer.name!r} needs one calibrated scale before AdaRound "
-                                    "(call qmodel.calibrate_weights first)")
+                                    "(calibrate the weights first: esc.calibrators.weights.calibrate_weights)")
         self.enabled = True
         self.hard = False
         self.zeta, self.gamma = zeta, gamma

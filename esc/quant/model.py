@@ -39,18 +39,16 @@ class QuantSpec:
         return UniformQuantizer(self.bits, self.symmetric, True, self.granularity, axis, name)
 
 
-def _weight_minmax(quantizer: UniformQuantizer, weight: torch.Tensor) -> None:
-    """Per-channel (or per-tensor) max calibration of a weight quantizer."""
+def weight_max_clip(quantizer: UniformQuantizer, weight: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Max calibration of a weight: ``max |w|`` (symmetric) or ``(min w, max w)`` per output channel
+    (per-channel quantizers) or over the whole tensor."""
     w = weight.detach()
     if quantizer.granularity == "channel":
         flat = w.transpose(0, quantizer.axis).reshape(w.shape[quantizer.axis], -1)
         lo, hi = flat.min(dim=1).values, flat.max(dim=1).values
     else:
         lo, hi = w.min(), w.max()
-    if quantizer.symmetric:
-        quantizer.set_clip_range(torch.maximum(lo.abs(), hi.abs()))
-    else:
-        quantizer.set_clip_range(lo, hi)
+    return torch.maximum(lo.abs(), hi.abs()) if quantizer.symmetric else (lo, hi)
 
 
 def _no_fused_fastpath(module: nn.Module, args) -> None:
@@ -184,20 +182,14 @@ class QuantizedModel(nn.Module):
         self._shared = {g[0]: g[1:] for g in groups}
         return groups
 
-    def calibrate_weights(self, method: str = "minmax") -> None:
-        """Set every weight quantizer's scale from its weight (``minmax`` or ``mse``)."""
+    def calibrate_weights(self, clip: Callable[[UniformQuantizer, torch.Tensor], torch.Tensor | tuple] = weight_max_clip) -> None:
+        """Set every weight quantizer's clip range to ``clip(quantizer, weight)`` (``c`` or ``(lo, hi)``;
+        default per-channel max; :func:`esc.calibrators.weights.calibrate_weights` names the methods)."""
         for module in self.model.modules():
             wq = getattr(module, "weight_quantizer", None)
-            if wq is None:
-                continue
-            if method == "minmax":
-                _weight_minmax(wq, module.weight)
-            elif method == "mse":
-                from esc.calibrators.mse import mse_clip  # local import: calibrators depend on this module
-                clip = mse_clip(module.weight.detach(), wq)  # c (symmetric) or (lo, hi) (asymmetric)
-                wq.set_clip_range(*clip) if isinstance(clip, tuple) else wq.set_clip_range(clip)
-            else:
-                raise ValueError(f"unknown weight calibration {method!r}; use 'minmax' or 'mse'")
+            if wq is not None:
+                c = clip(wq, module.weight.detach())
+                wq.set_clip_range(*c) if isinstance(c, tuple) else wq.set_clip_range(c)
 
     def activation_scales(self) -> torch.Tensor:
         """The current activation scales as one vector (per-tensor quantizers)."""
@@ -267,8 +259,8 @@ def quantize_model(model: nn.Module, weight: QuantSpec | None = QuantSpec(8, Tru
 
     Args:
         weight: spec of the weight quantizers (``None``: weights stay float). Weights are
-            calibrated here with per-channel/tensor max; call :meth:`QuantizedModel.calibrate_weights`
-            to change that.
+            calibrated here with per-channel/tensor max; call
+            :func:`esc.calibrators.weights.calibrate_weights` to change that.
         activation: sign mode and granularity of the activation quantizers, and the bit width a
             scope's ``"activation"`` bits stand for (``None``: activations stay float).
             Activation quantizers start uncalibrated: run a calibrator before quantized inference.
@@ -320,5 +312,5 @@ def quantize_model(model: nn.Module, weight: QuantSpec | None = QuantSpec(8, Tru
             module.register_forward_pre_hook(_no_fused_fastpath)
     qmodel = QuantizedModel(model)
     if weight is not None:
-        qmodel.calibrate_weights("minmax")
+        qmodel.calibrate_weights()
     return qmodel.eval()

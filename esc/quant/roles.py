@@ -17,7 +17,7 @@ vocabulary a scope (:mod:`esc.quant.scope`) uses to decide bits, grid and calibr
 
 :data:`REGISTRY` maps each float op type to its quantized counterpart and its slots' roles; a new
 op type is one :func:`register` call. A model declares its head modules (glob patterns on module
-paths) in its :class:`~esc.models.base.ModelBundle`; everything else follows from the op types.
+paths) in its :class:`~esc.core.bundle.ModelBundle`; everything else follows from the op types.
 """
 from __future__ import annotations
 

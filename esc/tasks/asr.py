@@ -41,7 +41,7 @@ from torch import nn
 
 from esc.calibrators.base import CalibrationData
 from esc.data.asr import DEFAULT_ESPEAK_VOICES, Clip, clips_hash, make_clips
-from esc.models.base import ModelBundle
+from esc.core.bundle import ModelBundle
 from esc.tasks.base import Task
 
 log = logging.getLogger(__name__)

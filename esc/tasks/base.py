@@ -4,7 +4,7 @@ from __future__ import annotations
 from torch import nn
 
 from esc.calibrators.base import CalibrationData
-from esc.models.base import ModelBundle
+from esc.core.bundle import ModelBundle
 
 
 class Task:

@@ -38,7 +38,7 @@ from torch import nn
 from esc.calibrators.base import CalibrationData
 from esc.data import hub as hubdata
 from esc.data.asr import clips_hash
-from esc.models.base import ModelBundle
+from esc.core.bundle import ModelBundle
 from esc.tasks.asr import ASRTask, _pad
 from esc.tasks.kws import KeywordSpottingTask
 from esc.tasks.tagging import AudioTaggingTask

@@ -17,7 +17,7 @@ from torch import nn
 
 from esc.calibrators.base import CalibrationData
 from esc.data.kws import KWSSplit, config_from_kwargs, load_kws, pcm_to_float
-from esc.models.base import ModelBundle
+from esc.core.bundle import ModelBundle
 from esc.tasks.base import Task
 
 log = logging.getLogger(__name__)

