@@ -80,7 +80,7 @@ report: setup  ## rebuild tables and plots from rows: make report STUDY=demo
 test: setup  ## lint (ruff), layer contract (import-linter), then the test suite (fast; excludes tests marked slow)
 	$(PY) -m ruff check esc tests benchmarks
 	$(dir $(PY))lint-imports
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -rs   # -rs: every skipped test with its reason (e.g. a wheel not fetched)
 
 test-slow: setup  ## only the slow checks
 	$(PY) -m pytest -q -m slow
