@@ -19,6 +19,7 @@ from esc.quant.modules import MatMul
 from esc.quant.quantizer import QuantizationError
 
 from models import TinyMLP, TinyTransformer, classification_data, heavy_tailed
+from ptq_models import make_data, tiny_yamnet
 
 W4A4 = dict(weight=QuantSpec(4, True, "channel"), activation=QuantSpec(4, True, "tensor"))
 
@@ -112,6 +113,40 @@ def test_local_step_matches_brute_force(make_layer, shape):
     best = int(torch.tensor(errors).argmin())
     assert scales[0].item() == pytest.approx(candidates[best].item(), rel=1e-6)
     assert 0 < best < grid - 1  # the heavy tail makes clipping pay off: an interior optimum
+
+
+def test_local_step_on_conv2d_and_depthwise_brute_force():
+    """YAMNet's structure: each Conv2d / depthwise / pointwise / Linear input quantizer gets the candidate scale
+    whose layer-output MSE, written out here with F.conv2d (groups included) on the FP input, is smallest, so
+    never above the MSE of max calibration (the largest candidate)."""
+    data = make_data(12, 6, n_mels=24, frames=16, mean=1.0)
+    qmodel = quantize_model(tiny_yamnet(), **W4A4)
+    grid = 30
+    scales, maxima = local_mse_scales(qmodel, data, grid=grid)
+    layers = {n.removesuffix(".input_quantizer"): q for n, q in qmodel.activation_quantizers.items()}
+    inputs = {n: [] for n in layers}
+    handles = [qmodel.get_submodule(f"model.{n}").register_forward_pre_hook(lambda m, a, n=n: inputs[n].append(a[0]))
+               for n in layers]
+    qmodel.set_quant_state(activations=False)  # FP inputs; weights stay quantized, as the local step has them
+    with torch.no_grad():
+        for b in data.batches:
+            qmodel(b)
+    for h in handles:
+        h.remove()
+    for i, (name, q) in enumerate(layers.items()):
+        layer = qmodel.get_submodule(f"model.{name}")
+        x, w = torch.cat(inputs[name]), layer.quantized_weight().detach()
+        if isinstance(layer, nn.Linear):
+            out = lambda t: F.linear(t, w)  # noqa: E731
+        else:
+            out = lambda t: F.conv2d(t, w, None, layer.stride, layer.padding, layer.dilation, layer.groups)  # noqa: E731
+        assert maxima[i].item() == pytest.approx(x.abs().max().item())
+        candidates = (local_grid_fractions(grid, 1e-3) * x.abs().max().double() / q.qmax).float()
+        errors = torch.stack([((out(torch.clamp(torch.round(x / s), q.qmin, q.qmax) * s) - out(x)) ** 2).mean()
+                              for s in candidates])
+        assert scales[i].item() == pytest.approx(candidates[int(errors.argmin())].item(), rel=1e-6), name
+        assert errors[int(errors.argmin())] <= errors[-1], name
+    assert qmodel.get_submodule("model.features.layer2.depthwise").groups == 8
 
 
 def test_local_step_matmul_operands_and_layernorm_brute_force():
