@@ -5,6 +5,8 @@ Tiny models from tests/models.py; every test runs in a few seconds on one CPU co
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -252,6 +254,31 @@ def test_same_seed_identical_results(transformer_setup):
     assert torch.equal(runs[0][0], runs[1][0])
     assert runs[0][1] == runs[1][1]
     assert runs[0][1]["best"] != runs[2][1]["best"]  # the seed matters
+
+
+@pytest.mark.slow  # Ray's start dominates: 56 s on an idle core, 107 s on a busy one
+def test_two_ray_actors_give_the_in_process_result(transformer_setup):
+    """``num_actors=2`` (a local two-CPU Ray instance; Ray 2.60 has no local mode): each actor evaluates half of
+    every population on its own copy of the model, and the search is the in-process one, scale for scale."""
+    import ray  # evotorch's dependency
+
+    model, data = transformer_setup
+
+    def run(actors):
+        qmodel = quantize_model(model, **W4A4)
+        result = _esc(generations=3, seed=4, final="best", popsize=6, num_actors=actors).calibrate(qmodel, data)
+        return qmodel.activation_scales(), result
+
+    local, in_process = run(None)
+    root = Path(__file__).resolve().parents[1]  # the workers import this checkout (tests/ holds the model's class)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": f"{root}{os.pathsep}{root / 'tests'}", "OMP_NUM_THREADS": "1"}})
+    try:
+        remote, with_actors = run(2)
+    finally:
+        ray.shutdown()
+    assert with_actors.history["best"] == in_process.history["best"] and len(in_process.history["best"]) == 3
+    assert torch.equal(remote, local) and with_actors.forward_passes == in_process.forward_passes
 
 
 def test_final_best_and_separable(transformer_setup):
