@@ -60,7 +60,7 @@ class Block(nn.Module):
         self.heads = heads
         self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-        self.qk, self.av = MatMul(), MatMul()
+        self.qk, self.av = MatMul("qk"), MatMul("pv")
         self.fc1, self.fc2 = nn.Linear(dim, mlp), nn.Linear(mlp, dim)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:

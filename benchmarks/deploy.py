@@ -44,10 +44,11 @@ import torch
 from hydra.utils import instantiate
 
 from esc.config import compose, project_root
-from esc.export.onnx import OnnxRuntimeModel, example_inputs, export_onnx, op_kinds
 from esc.core.bundle import weights_fingerprint
+from esc.export.onnx import OnnxRuntimeModel, example_inputs, export_onnx, op_kinds
+from esc.pipeline import calibration_path, export_path, run_axes
 from esc.results import git_state, row_path, run_key
-from esc.run import calibration_path, export_path, run, run_axes
+from esc.run import run
 
 log = logging.getLogger("deploy")
 

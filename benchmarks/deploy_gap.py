@@ -26,13 +26,12 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
-from esc.calibrators.weights import calibrate_weights
 from esc.config import compose, project_root
-from esc.export.onnx import OnnxRuntimeModel, export_mode
 from esc.core.bundle import weights_fingerprint
-from esc.quant.model import quantize_model
+from esc.export.onnx import OnnxRuntimeModel, export_mode
+from esc.models.checkpoint import load_plain
+from esc.pipeline import calibration_path, export_path, prepare, quantize, run_axes
 from esc.results import run_key
-from esc.run import calibration_path, export_path, quant_spec, run_axes
 
 from deploy import predictions
 
@@ -52,14 +51,12 @@ class ExportedGrids(nn.Module):
 def main(overrides: list[str]) -> None:
     torch.set_num_threads(1)
     cfg = compose(["precision=w8a8", "study=deploy", "torch_threads=1", f"export={project_root()}/experiments/export", *overrides])
-    bundle, task = instantiate(cfg.model), instantiate(cfg.task)
-    task.prepare(bundle)
+    bundle, task = prepare(cfg)
     axes = run_axes(cfg)
-    qmodel = quantize_model(bundle.model, weight=quant_spec(cfg.precision.weight), activation=quant_spec(cfg.precision.activation),
-                            skip=bundle.skip_quantization)
-    calibrate_weights(qmodel, cfg.calibration.weights)
+    data = task.calibration_data(int(cfg.calibration.num_samples), int(cfg.calibration.seed))
+    qmodel = quantize(cfg, bundle, bundle.model, data)  # the run's quantizers, weights calibrated
     cache = calibration_path(cfg, axes, instantiate(cfg.ptq).stage, weights_fingerprint(bundle.model), task.data_hashes)
-    qmodel.load_activation_state(torch.load(cache, weights_only=False)["state"])
+    qmodel.load_activation_state(load_plain(cache, "run benchmarks/deploy.py for this configuration first")["state"])
     path = export_path(cfg, run_key(axes))
     steps = {"fake": qmodel, "grids": ExportedGrids(qmodel),
              "unfused": OnnxRuntimeModel(path, optimization=ort.GraphOptimizationLevel.ORT_ENABLE_BASIC),

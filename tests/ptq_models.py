@@ -9,6 +9,7 @@ from torch import nn
 
 from esc.calibrators.base import CalibrationData
 from esc.calibrators.minmax import MinMaxCalibrator
+from esc.models.yamnet import YAMNet
 from esc.quant.model import QuantizedModel
 from esc.quant.modules import MatMul
 
@@ -62,6 +63,22 @@ class TinyConvTransformer(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.head(self.norm(x).mean(1))
+
+
+def tiny_yamnet(seed: int = 0) -> YAMNet:
+    """YAMNet's structure (:class:`esc.models.yamnet.YAMNet`) in miniature: SAME-padded Conv2d 3x3/2 (8 channels),
+    two depthwise-separable layers (depthwise 3x3 with ``groups=channels``, stride 1 then 2, each followed by a
+    pointwise 1x1 to 16 channels; ReLU after every conv), global average pooling, Linear 16 -> 5, sigmoid.
+    Input: log-mel-like patches ``[B, frames, mels]``. He-normal weights and biases of std 0.5 (BatchNorm folded
+    into them, as in YAMNet), seeded."""
+    model = YAMNet((("conv", 2, 8), ("sep", 1, 16), ("sep", 2, 16)), num_classes=5)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * math.sqrt(2.0 / m.weight[0].numel()))
+                m.bias.copy_(0.5 * torch.randn(m.bias.shape, generator=g))
+    return model.eval()
 
 
 def model_forward(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:

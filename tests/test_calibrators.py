@@ -63,6 +63,15 @@ def np_errors(x: np.ndarray, clips: np.ndarray, qmax: int, p: float = 2.0) -> np
     return np.array([np.mean(np.abs(x.astype(np.float64) - np_fake_quant(x, c, qmax)) ** p) for c in clips])
 
 
+def np_affine_errors(x: np.ndarray, fractions: np.ndarray, qmin: int, qmax: int) -> np.ndarray:
+    """MSE of asymmetric fake-quant of ``x`` with range ``[f lo, f hi]`` (``lo = min(x, 0)``, ``hi = max(x, 0)``) per fraction."""
+    lo, hi = min(float(x.min()), 0.0) * fractions, max(float(x.max()), 0.0) * fractions
+    s = np.maximum((hi - lo) / (qmax - qmin), np.finfo(np.float32).tiny)[:, None]
+    z = np.clip(np.round(qmin - lo[:, None] / s), qmin, qmax)
+    xq = (np.clip(np.round(x[None] / s) + z, qmin, qmax) - z) * s
+    return ((xq - x[None].astype(np.float64)) ** 2).mean(1)
+
+
 # ----------------------------------------------------------------------------- histogram
 @pytest.mark.parametrize("max_bins", [None, 100])
 def test_histogram_growth_equals_single_pass(max_bins):
@@ -223,16 +232,30 @@ def test_weight_mse_per_channel_equals_per_channel_bruteforce():
 
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_calibrate_weights_mse(tiny_audio_model, symmetric):
+    """Per output channel of every layer, the clip's MSE (numpy, from the quantizer's scale and zero point) is
+    no worse than the best of the module's coarse grid (100 geometric fractions of max, or of ``[min, max]``
+    for asymmetric grids) and, on 97% of channels, within 0.5% of a dense brute-force search; never wider
+    than max. (On rows of 32-48 weights the landscape is jagged: the coarse-to-fine search misses a narrow
+    minimum on ~2% of channels, by up to 13% here.)"""
     qm = quantize_model(tiny_audio_model, weight=QuantSpec(4, symmetric, "channel"), activation=None)
     before = {n: q.scale.clone() for n, q in qm.weight_quantizers.items()}
     calibrate_weights(qm, "mse")
-    conv = qm.model.conv1
-    clip = mse_clip(conv.weight.detach(), conv.weight_quantizer)
-    if symmetric:
-        torch.testing.assert_close(conv.weight_quantizer.scale, clip / conv.weight_quantizer.qmax, rtol=0, atol=0)
-    for n, q in qm.weight_quantizers.items():
-        assert torch.isfinite(q.scale).all() and (q.scale > 0).all()
-        assert (q.scale <= before[n] * (1 + 1e-6)).all(), n  # never a wider range than max
+    coarse = np.geomspace(1e-3, 1, 100)
+    dense = np.unique(np.concatenate([np.linspace(1e-3, 1, 1000), np.geomspace(1e-3, 1, 1000)]))
+    near_best = []
+    for layer in (m for m in qm.model.modules() if hasattr(m, "weight_quantizer")):
+        q = layer.weight_quantizer
+        assert (q.scale <= before[q.name] * (1 + 1e-6)).all(), q.name  # never a wider range than max
+        for c, row in enumerate(layer.weight.detach().flatten(1).numpy()):
+            s, z = float(q.scale[c]), float(q.zero_point[c])
+            err = float((((np.clip(np.round(row / s) + z, q.qmin, q.qmax) - z) * s - row.astype(np.float64)) ** 2).mean())
+            if symmetric:
+                errors = lambda f: np_errors(row, f * float(np.abs(row).max()), q.qmax)  # noqa: E731
+            else:
+                errors = lambda f: np_affine_errors(row, f, q.qmin, q.qmax)  # noqa: E731
+            assert err <= errors(coarse).min() * (1 + 1e-5) + 1e-15, (q.name, c)  # float32 vs float64 ranges
+            near_best.append(err <= errors(dense).min() * 1.005 + 1e-12)
+    assert np.mean(near_best) >= 0.97, np.mean(near_best)
 
 
 # ----------------------------------------------------------------------------- entropy

@@ -5,6 +5,8 @@ Tiny models from tests/models.py; every test runs in a few seconds on one CPU co
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +21,7 @@ from esc.quant.modules import MatMul
 from esc.quant.quantizer import QuantizationError
 
 from models import TinyMLP, TinyTransformer, classification_data, heavy_tailed
+from ptq_models import make_data, tiny_yamnet
 
 W4A4 = dict(weight=QuantSpec(4, True, "channel"), activation=QuantSpec(4, True, "tensor"))
 
@@ -112,6 +115,40 @@ def test_local_step_matches_brute_force(make_layer, shape):
     best = int(torch.tensor(errors).argmin())
     assert scales[0].item() == pytest.approx(candidates[best].item(), rel=1e-6)
     assert 0 < best < grid - 1  # the heavy tail makes clipping pay off: an interior optimum
+
+
+def test_local_step_on_conv2d_and_depthwise_brute_force():
+    """YAMNet's structure: each Conv2d / depthwise / pointwise / Linear input quantizer gets the candidate scale
+    whose layer-output MSE, written out here with F.conv2d (groups included) on the FP input, is smallest, so
+    never above the MSE of max calibration (the largest candidate)."""
+    data = make_data(12, 6, n_mels=24, frames=16, mean=1.0)
+    qmodel = quantize_model(tiny_yamnet(), **W4A4)
+    grid = 30
+    scales, maxima = local_mse_scales(qmodel, data, grid=grid)
+    layers = {n.removesuffix(".input_quantizer"): q for n, q in qmodel.activation_quantizers.items()}
+    inputs = {n: [] for n in layers}
+    handles = [qmodel.get_submodule(f"model.{n}").register_forward_pre_hook(lambda m, a, n=n: inputs[n].append(a[0]))
+               for n in layers]
+    qmodel.set_quant_state(activations=False)  # FP inputs; weights stay quantized, as the local step has them
+    with torch.no_grad():
+        for b in data.batches:
+            qmodel(b)
+    for h in handles:
+        h.remove()
+    for i, (name, q) in enumerate(layers.items()):
+        layer = qmodel.get_submodule(f"model.{name}")
+        x, w = torch.cat(inputs[name]), layer.quantized_weight().detach()
+        if isinstance(layer, nn.Linear):
+            out = lambda t: F.linear(t, w)  # noqa: E731
+        else:
+            out = lambda t: F.conv2d(t, w, None, layer.stride, layer.padding, layer.dilation, layer.groups)  # noqa: E731
+        assert maxima[i].item() == pytest.approx(x.abs().max().item())
+        candidates = (local_grid_fractions(grid, 1e-3) * x.abs().max().double() / q.qmax).float()
+        errors = torch.stack([((out(torch.clamp(torch.round(x / s), q.qmin, q.qmax) * s) - out(x)) ** 2).mean()
+                              for s in candidates])
+        assert scales[i].item() == pytest.approx(candidates[int(errors.argmin())].item(), rel=1e-6), name
+        assert errors[int(errors.argmin())] <= errors[-1], name
+    assert qmodel.get_submodule("model.features.layer2.depthwise").groups == 8
 
 
 def test_local_step_matmul_operands_and_layernorm_brute_force():
@@ -217,6 +254,31 @@ def test_same_seed_identical_results(transformer_setup):
     assert torch.equal(runs[0][0], runs[1][0])
     assert runs[0][1] == runs[1][1]
     assert runs[0][1]["best"] != runs[2][1]["best"]  # the seed matters
+
+
+@pytest.mark.slow  # Ray's start dominates: 56 s on an idle core, 107 s on a busy one
+def test_two_ray_actors_give_the_in_process_result(transformer_setup):
+    """``num_actors=2`` (a local two-CPU Ray instance; Ray 2.60 has no local mode): each actor evaluates half of
+    every population on its own copy of the model, and the search is the in-process one, scale for scale."""
+    import ray  # evotorch's dependency
+
+    model, data = transformer_setup
+
+    def run(actors):
+        qmodel = quantize_model(model, **W4A4)
+        result = _esc(generations=3, seed=4, final="best", popsize=6, num_actors=actors).calibrate(qmodel, data)
+        return qmodel.activation_scales(), result
+
+    local, in_process = run(None)
+    root = Path(__file__).resolve().parents[1]  # the workers import this checkout (tests/ holds the model's class)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": f"{root}{os.pathsep}{root / 'tests'}", "OMP_NUM_THREADS": "1"}})
+    try:
+        remote, with_actors = run(2)
+    finally:
+        ray.shutdown()
+    assert with_actors.history["best"] == in_process.history["best"] and len(in_process.history["best"]) == 3
+    assert torch.equal(remote, local) and with_actors.forward_passes == in_process.forward_passes
 
 
 def test_final_best_and_separable(transformer_setup):

@@ -36,7 +36,7 @@ def test_perturbations_start_at_the_calibrated_scales_and_are_seeded():
     assert max(spread[:3]) < min(spread[3:])  # larger sigma, larger log-scale moves
 
 
-def test_all_fitness_matches_each_evaluator(tiny_audio_model, tiny_audio_batches):
+def test_all_fitness_matches_the_definitions_and_each_evaluator(tiny_audio_model, tiny_audio_batches):
     labels = [torch.arange(b.shape[0]) % 10 for b in tiny_audio_batches]
     batches = [{"x": x, "y": y} for x, y in zip(tiny_audio_batches, labels)]
     data = CalibrationData(batches, forward=lambda m, b: m(b["x"]),
@@ -47,8 +47,19 @@ def test_all_fitness_matches_each_evaluator(tiny_audio_model, tiny_audio_batches
     evaluators = {k: FitnessEvaluator(qmodel, data, kind=k, batched=False) for k in ("task", "kl", "mse")}
     scales = qmodel.activation_scales() * 0.7
     shared = all_fitness(qmodel, evaluators, scales)
+    # by hand, from the definitions: the float model's own logits are the reference, one value per sample
+    with torch.no_grad():
+        q_out = torch.cat([qmodel(b["x"]) for b in batches]).double()
+        fp_out = torch.cat([tiny_audio_model(b["x"]) for b in batches]).double()
+    y = torch.cat([b["y"] for b in batches])
+    p_fp, p_q = fp_out.softmax(-1), q_out.softmax(-1)
+    by_hand = {"task": float(-p_q[torch.arange(len(y)), y].log().mean()),
+               "kl": float((p_fp * (p_fp.log() - p_q.log())).sum(-1).mean()),
+               "mse": float(((q_out - fp_out) ** 2).mean())}
+    assert by_hand["kl"] > 1e-4  # the perturbed scales do change the outputs
     for kind, ev in evaluators.items():
-        assert shared[kind] == pytest.approx(float(ev(scales)[0]), rel=1e-5)
+        assert shared[kind] == pytest.approx(by_hand[kind], rel=1e-4), kind
+        assert shared[kind] == pytest.approx(float(ev(scales)[0]), rel=1e-5)  # one shared pass = each evaluator's own
 
 
 def test_command_writes_csv_and_json(tmp_path):

@@ -150,6 +150,24 @@ def test_tiny_sweep_rows_rerun_and_report(tmp_path):
     assert len(list((tmp_path / "report" / "rows").glob("*.json"))) == 3  # ... leaves the archive too
 
 
+def test_sweep_through_the_submitit_launcher(tmp_path):
+    """The Slurm path without a cluster: conf/hydra/launcher/slurm.yaml composes to Hydra's submitit Slurm launcher,
+    and its local executor (same plugin, one process per job, the task function pickled) writes every row and a
+    log per job; a rerun with the default launcher skips them all (the keys do not depend on the launcher)."""
+    slurm = compose(["hydra/launcher=slurm"]).hydra.launcher
+    assert slurm._target_.endswith("submitit_launcher.SlurmLauncher") and slurm.array_parallelism > 0
+    grid = ["precision=w8a8,w4a4", "calibrator=minmax"]
+    sweep(tmp_path, *grid, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
+          "hydra.launcher.cpus_per_task=1", "hydra.launcher.gpus_per_node=0")
+    rows = read_rows([tmp_path / "rows" / "tiny"])
+    assert sorted(r["precision"] for r in rows) == ["w4a4", "w8a8"] and all(r["status"] == "ok" for r in rows), rows
+    logs = [p for p in (tmp_path / "multirun" / ".submitit").rglob("*_log.out") if p.stat().st_size > 0]
+    assert len(logs) == 2, logs
+    stamps = {r["key"]: r["finished_at"] for r in rows}
+    sweep(tmp_path, *grid, "hydra/launcher=basic")
+    assert {r["key"]: r["finished_at"] for r in read_rows([tmp_path / "rows" / "tiny"])} == stamps
+
+
 def test_killed_sweep_keeps_finished_rows_and_resumes(tmp_path):
     proc = sweep(tmp_path, "hydra/launcher=basic", wait=False)
     rows_dir = tmp_path / "rows" / "tiny"

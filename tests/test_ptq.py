@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from esc.calibrators.weights import calibrate_weights
@@ -18,7 +19,7 @@ from esc.ptq.common import float_layer_forward, quantized_layers
 from esc.ptq.smoothquant import SmoothQuant
 from esc.quant.model import QuantSpec, quantize_model
 from esc.quant.quantizer import QuantizationError
-from ptq_models import TinyAttentionBlock, TinyConvTransformer, make_data, max_calibrate, model_forward
+from ptq_models import TinyAttentionBlock, TinyConvTransformer, make_data, max_calibrate, model_forward, tiny_yamnet
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,6 +128,77 @@ def test_bias_correction_forward_order_every_layer_centred():
         assert after[name].abs().max() < 1e-4 * max(1.0, float(before[name].abs().max())), name
 
 
+def yamnet_setup(weight: QuantSpec = W4):
+    """The tiny YAMNet (Conv2d, depthwise, pointwise, Linear head), its calibration patches, and a max-calibrated copy."""
+    model = tiny_yamnet()
+    data = make_data(16, 8, n_mels=24, frames=16, mean=1.0)  # [B, 24 frames, 16 mels]
+    qmodel = quantize_model(model, weight, A8)
+    max_calibrate(qmodel, data)
+    return model, data, qmodel
+
+
+def written_out(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """A Linear/Conv layer's float computation with ``torch.nn.functional`` (stride, padding, dilation, groups)."""
+    if isinstance(layer, nn.Linear):
+        return F.linear(x, weight, bias)
+    conv = F.conv1d if isinstance(layer, nn.Conv1d) else F.conv2d
+    return conv(x, weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+
+
+def channel_mean_shifts(qmodel, data, layers, weights, biases):
+    """Per layer and output channel, the mean over batch and positions of ``layer(x) - written_out(x)`` with the
+    float ``weights``/``biases``, ``x`` the layer's actual input in ``qmodel``."""
+    sums, handles = {}, []
+    for name, layer in layers.items():
+        def hook(mod, args, out, name=name):
+            err = (out - written_out(mod, args[0], weights[name], biases[name])).movedim(1 if out.dim() > 2 else -1, -1)
+            sums.setdefault(name, []).append(err.reshape(-1, err.shape[-1]).double())
+        handles.append(layer.register_forward_hook(hook))
+    with torch.no_grad():
+        for b in data.batches:
+            data.forward(qmodel, b)
+    for h in handles:
+        h.remove()
+    return {n: torch.cat(v).mean(0) for n, v in sums.items()}
+
+
+def test_bias_correction_on_conv2d_and_depthwise():
+    """YAMNet's layers: after the correction each layer's per-channel mean output shift (against its float
+    computation written out with F.conv2d, groups included) is gone; the depthwise shifts were real."""
+    _, data, qmodel = yamnet_setup()
+    layers = quantized_layers(qmodel)
+    assert [layers[n].groups for n in ("model.features.layer2.depthwise", "model.features.layer3.depthwise")] == [8, 16]
+    weights = {n: m.weight.detach().clone() for n, m in layers.items()}
+    biases = {n: m.bias.detach().clone() for n, m in layers.items()}
+    before = channel_mean_shifts(qmodel, data, layers, weights, biases)
+    BiasCorrection().apply(qmodel, data)
+    after = channel_mean_shifts(qmodel, data, layers, weights, biases)
+    for name in layers:
+        assert before[name].abs().max() > 1e-3, name
+        assert after[name].abs().max() < 1e-4 * float(before[name].abs().max()), name
+    for name, layer in layers.items():  # the correction went into the bias, per channel, nowhere else
+        assert torch.equal(layer.weight.detach(), weights[name])
+        assert not torch.equal(layer.bias.detach(), biases[name])
+
+
+def test_bias_correction_weight_mode_on_depthwise_is_the_classical_formula():
+    """error='weight' on a depthwise conv: ``delta_c = sum_k (W_q - W)[c, k] * mean of the input patch value at
+    tap k of channel c``, with the patches taken by ``unfold`` (no convolution in the reference)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 6, 3, padding=1, groups=6)
+    x = torch.randn(24, 6, 8, 7) + torch.linspace(-2.0, 3.0, 6).view(1, 6, 1, 1)
+    qmodel = quantize_model(nn.Sequential(conv).eval(), QuantSpec(3, True, "channel"), A8)
+    data = tensor_data(x, batch=8)
+    max_calibrate(qmodel, data)
+    layer = qmodel.model[0]
+    dw = (layer.quantized_weight() - layer.weight).detach().reshape(6, 9)
+    patches = F.unfold(x, 3, padding=1).reshape(24, 6, 9, -1)  # [B, C, taps, positions]
+    expected = (dw * patches.double().mean((0, 3)).float()).sum(1)
+    b0 = layer.bias.detach().clone()
+    BiasCorrection(error="weight").apply(qmodel, data)
+    torch.testing.assert_close(b0 - layer.bias.detach(), expected, rtol=1e-4, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------- AdaRound
 def test_soft_rounding_starts_at_the_float_weight():
     layer = nn.Linear(16, 8)
@@ -188,6 +260,67 @@ def test_adaround_with_quantized_inputs_and_conv():
         ada = sum(float((qmodel(b) - r).pow(2).mean()) for b, r in zip(data.batches, ref))
     assert ada < rtn
     assert on_grid(qmodel.model[0]) and on_grid(qmodel.model[2])
+
+
+def output_errors(qmodel, float_model, data, names):
+    """Per module name (a path inside ``float_model``): mean squared difference between its output in ``qmodel``
+    (its quantized-model input) and in ``float_model`` (float input), over the calibration data."""
+    def outputs(model, prefix):
+        outs, handles = {n: [] for n in names}, []
+        for n in names:
+            handles.append(model.get_submodule(prefix + n).register_forward_hook(lambda m, a, o, n=n: outs[n].append(o)))
+        with torch.no_grad():
+            for b in data.batches:
+                data.forward(model, b)
+        for h in handles:
+            h.remove()
+        return {n: torch.cat(v) for n, v in outs.items()}
+    q, fp = outputs(qmodel, "model."), outputs(float_model, "")
+    return {n: float((q[n] - fp[n]).pow(2).mean()) for n in names}
+
+
+YAMNET_CONVS = ["features.layer1.conv", "features.layer2.depthwise", "features.layer2.pointwise",
+                "features.layer3.depthwise", "features.layer3.pointwise"]
+
+
+def test_adaround_on_conv2d_and_depthwise_beats_nearest_per_layer():
+    """Every Conv2d (the depthwise ones included) reconstructs its float output better than round-to-nearest,
+    measured here with hooks on the quantized and the float model, and its weights land on the grid."""
+    model, data, qmodel = yamnet_setup()
+    nearest = output_errors(qmodel, model, data, YAMNET_CONVS + ["classifier"])
+    AdaRound(iterations=1000, batch_size=8, keep_better=False).apply(qmodel, data)  # 200 steps flip no weight of layer1
+    learned = output_errors(qmodel, model, data, YAMNET_CONVS + ["classifier"])
+    for name in YAMNET_CONVS:
+        assert learned[name] < nearest[name], (name, learned[name], nearest[name])
+        assert on_grid(qmodel.model.get_submodule(name)), name
+    assert learned["classifier"] < nearest["classifier"]
+
+
+def test_brecq_on_yamnet_layers_lowers_block_output_error():
+    """BRECQ's blocks on YAMNet's structure are the conv layer and each depthwise-separable layer (the depthwise and
+    pointwise convs learned jointly); every block's output gets closer to the float block's."""
+    model, data, qmodel = yamnet_setup()
+    blocks = ["features.layer1", "features.layer2", "features.layer3"]
+    units = BRECQ().units(qmodel, data)
+    assert [u.name for u in units] == [f"model.{b}" for b in blocks] + ["model.classifier"]
+    assert [len(u.layers) for u in units] == [1, 2, 2, 1]
+    nearest = output_errors(qmodel, model, data, blocks)
+    BRECQ(iterations=1000, batch_size=8, keep_better=False).apply(qmodel, data)
+    learned = output_errors(qmodel, model, data, blocks)
+    for name in blocks:
+        assert learned[name] < nearest[name], (name, learned[name], nearest[name])
+    assert all(on_grid(layer) for layer in quantized_layers(qmodel).values())
+
+
+def test_smoothquant_leaves_a_model_without_layernorm_unchanged():
+    """YAMNet has no LayerNorm -> Linear pair: SmoothQuant finds no group and touches no parameter."""
+    model = tiny_yamnet()
+    data = make_data(8, 8, n_mels=24, frames=16)
+    smoothed = copy.deepcopy(model)
+    method = SmoothQuant()
+    method.apply(smoothed, data)
+    assert method.groups == {}
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), smoothed.state_dict().values()))
 
 
 def test_io_cache_groups_shapes_and_constants():

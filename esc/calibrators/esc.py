@@ -263,8 +263,10 @@ class ESCCalibrator(Calibrator):
        ``theta = 0`` with step size ``sigma0``, population ``popsize`` (``None``: CMA-ES default
        ``4 + floor(3 ln N)``), for ``generations`` generations (``separable``: diagonal covariance).
        ``backend="evotorch"`` uses ``evotorch.algorithms.CMAES`` on a vectorized, seeded
-       ``evotorch.Problem`` (``num_actors`` passed through: Ray actors fan out the fitness
-       evaluation; ``None`` = in process); ``backend="pycma"`` uses ``cma.CMAEvolutionStrategy``
+       ``evotorch.Problem`` (``num_actors``: that many Ray actors split each population's fitness
+       evaluation; every actor holds its own copy of the quantized model and the calibration data, so
+       actors scale the evaluation over cores or GPUs, not the model size a device can hold; same
+       result as in process for a seed; ``None`` = in process); ``backend="pycma"`` uses ``cma.CMAEvolutionStrategy``
        (seed ``seed + 1``, since pycma treats 0 as "random"; stopping criteria are ignored so
        exactly ``generations`` generations run) as a cross-check.
     3. **Fitness** (:mod:`esc.calibrators.fitness`) of a population: one batched forward pass over
@@ -294,7 +296,8 @@ class ESCCalibrator(Calibrator):
     ESC needs symmetric per-tensor activation quantizers (a scale per quantizer, zero point 0).
     After ``calibrate``, ``timings`` holds wall seconds: ``local`` (local step), ``fitness`` (all
     fitness evaluations), ``forward`` (the model forwards inside them), ``search_overhead``
-    (everything else: FP reference pass, CMA-ES, bookkeeping) and ``total``.
+    (everything else: FP reference pass, CMA-ES, bookkeeping; with Ray actors also the population
+    evaluations, which the actors' own evaluator copies time) and ``total``.
     """
 
     name = "esc"
@@ -328,6 +331,11 @@ class ESCCalibrator(Calibrator):
         self.timings: dict[str, float] = {}
 
     # ---------------------------------------------------------------------------------- helpers
+    @property
+    def remote(self) -> bool:
+        """Whether Ray actors evaluate the populations (``num_actors`` set, evotorch backend)."""
+        return self.backend == "evotorch" and self.num_actors not in (None, 0)
+
     @staticmethod
     def default_popsize(n: int) -> int:
         """CMA-ES default population ``4 + floor(3 ln n)``."""
@@ -410,7 +418,8 @@ class ESCCalibrator(Calibrator):
         seconds = time.perf_counter() - start - self._monitor_seconds
         self.timings = dict(local=t_local, fitness=evaluator.seconds, forward=evaluator.forward_seconds, total=seconds,
                             search_overhead=seconds - t_local - evaluator.seconds)
-        passes = 2 + (1 if evaluator.reference is not None else 0) + evaluator.evaluations
+        remote = popsize * len(history["best"]) if self.remote else 0  # counted by the actors' evaluator copies
+        passes = 2 + (1 if evaluator.reference is not None else 0) + evaluator.evaluations + remote
         history.update(local_fitness=[local_fit], search_fitness=[search_fit], final_fitness=[final_fit],
                        kept_local=[float(kept_local)])
         log.info("ESC: fitness %.6g -> %.6g in %.1fs (%d candidate evaluations)", local_fit, final_fit, seconds,
@@ -441,8 +450,11 @@ class ESCCalibrator(Calibrator):
         from evotorch.algorithms import CMAES
 
         problem = Problem("min", objective, solution_length=n, initial_bounds=(-self.sigma0, self.sigma0),
-                          vectorized=True, seed=self.seed, num_actors=self.num_actors, dtype=torch.float32,
-                          eval_dtype=torch.float64, device="cpu", store_solution_stats=False)
+                          vectorized=True, seed=None if self.remote else self.seed, num_actors=self.num_actors,
+                          dtype=torch.float32, eval_dtype=torch.float64, device="cpu", store_solution_stats=False)
+        if self.remote:  # evotorch 0.6.1's actors call a missing Problem.seed() on a seeded Problem: start them unseeded,
+            problem.all_remote_problems()  # now, then seed the main copy (the only one that samples)
+            problem.manual_seed(self.seed)
         with warnings.catch_warnings():  # evotorch copy-constructs its own weight tensor (harmless UserWarning)
             warnings.filterwarnings("ignore", message="To copy construct from a tensor", category=UserWarning)
             searcher = CMAES(problem, stdev_init=self.sigma0, popsize=popsize, center_init=[0.0] * n,
