@@ -17,6 +17,7 @@
 * ``provenance.md``: how many rows came from which commit (``-dirty`` with the diff hash for a
   modified tree); writing into ``results/`` is refused when the checkout or any row is dirty,
   unless ``--allow-dirty``;
+* ``failed.md``: the runs whose row is an error (when there are any);
 * ``asr_loops.md`` (ASR rows): corpus WER next to the looping hypotheses, WER without them and
   the median per-utterance WER;
 
@@ -322,6 +323,12 @@ def build_report(rows_dir: Path, out: Path, allow_dirty: bool = True) -> pd.Data
     plot_fitness(rows, out)
     write_pairs(pair_table(rows, rows_dir), out)
     (out / "provenance.md").write_text(provenance_line(rows) + "\n")
+    failed = [r for r in rows if r.get("status") != "ok"]
+    (out / "failed.md").unlink(missing_ok=True)
+    if failed:  # listed, not only logged: a failed cell must not pass for a missing one
+        lines = [f"- `{r.get('key')}` {r.get('study', '')}: {r.get('error', 'no error recorded')}" for r in failed]
+        (out / "failed.md").write_text(f"{len(failed)} run(s) failed (a rerun of the sweep retries them):\n\n" + "\n".join(lines) + "\n")
+        log.warning("%d run(s) failed, listed in %s", len(failed), out / "failed.md")
     log.info("%s", provenance_line(rows))
     if df["ptq"].nunique() > 1 and (df["ptq"] == "none").any():
         write_pairs(pair_table(rows, rows_dir, axis="ptq", baseline="none"), out, "pairs_ptq")

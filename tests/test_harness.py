@@ -79,6 +79,18 @@ def test_run_key_is_independent_of_where_the_checkout_lives(tmp_path):
     assert run_key(run_axes(moved_data)) == run_key(run_axes(a))
 
 
+def test_moved_checkout_finds_its_rows(tmp_path):
+    def tiny(root: Path):
+        cmd = [sys.executable, "-m", "esc.run", "-m", "+experiment=tiny", f"paths.root={root}", "hydra/launcher=basic",
+               "precision=w8a8", f"hydra.sweep.dir={tmp_path}/multirun"]
+        subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        return {r["key"]: r["finished_at"] for r in read_rows([root / "experiments" / "rows" / "tiny"])}
+
+    first = tiny(tmp_path / "a")
+    (tmp_path / "a").rename(tmp_path / "elsewhere")  # the whole project directory moves
+    assert tiny(tmp_path / "elsewhere") == first and len(first) == 2  # same keys, nothing rerun
+
+
 def test_run_key_changes_with_every_value_and_ignores_neutral_defaults(monkeypatch):
     from esc import results
 
@@ -192,6 +204,8 @@ def test_failing_job_writes_error_row_sweep_goes_on_and_exits_nonzero(tmp_path):
     assert len(rows) == 4 and all(r["status"] == "error" for r in rows)
     assert all("make models" in r["error"] for r in rows)
     assert "4 run(s) of this sweep failed" in proc.stderr and proc.stderr.count("calibrator=") == 4
+    with pytest.raises(SystemExit, match="all 4 runs"):  # nothing to tabulate, and the report says why
+        build_report(tmp_path / "rows" / "tiny", tmp_path / "report")
 
 
 def test_error_rows_are_retried(tmp_path):
@@ -199,6 +213,10 @@ def test_error_rows_are_retried(tmp_path):
     (row_file,) = (tmp_path / "rows" / "tiny").glob("*.json")
     row = json.loads(row_file.read_text())
     write_json_atomic(row_file, {"key": row["key"], "status": "error", "error": "RuntimeError: boom"})
+    write_json_atomic(row_file.with_name("other.json"), {**row, "key": "other"})
+    build_report(tmp_path / "rows" / "tiny", tmp_path / "report")
+    assert "RuntimeError: boom" in (tmp_path / "report" / "failed.md").read_text()  # the report lists the failure
+    row_file.with_name("other.json").unlink()
     sweep(tmp_path, "hydra/launcher=basic", "precision=w8a8", "calibrator=minmax")
     again = json.loads(row_file.read_text())
     assert again["status"] == "ok" and again["quantized"] == pytest.approx(row["quantized"])
