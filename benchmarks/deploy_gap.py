@@ -29,7 +29,7 @@ from torch import nn
 from esc.config import compose, project_root
 from esc.core.bundle import weights_fingerprint
 from esc.export.onnx import OnnxRuntimeModel, export_mode
-from esc.models.checkpoint import load_plain
+from esc.core.files import load_plain
 from esc.pipeline import calibration_path, export_path, prepare, quantize, run_axes
 from esc.results import run_key
 

@@ -29,7 +29,7 @@ from esc.calibrators.weights import WEIGHT_CLIPS, calibrate_weights
 from esc.core.errors import UserError
 from esc.export.onnx import example_inputs, export_onnx
 from esc.core.bundle import ModelBundle, weights_fingerprint
-from esc.models.checkpoint import load_plain, save_checkpoint
+from esc.core.files import load_plain, save_checkpoint
 from esc.quant.model import QuantizedModel, QuantSpec, quantize_model
 from esc.quant.quantizer import GRANULARITIES, MAX_BITS, MIN_BITS
 from esc.quant.roles import matches
@@ -233,6 +233,8 @@ def calibrate(cfg: DictConfig, qmodel: QuantizedModel, data: CalibrationData, ta
                 BY_NAME[name]().calibrate(qmodel, data)
     own = run_share(qmodel)
     calibrator = build(cfg.calibrator)
+    if hasattr(calibrator, "state_path"):  # ESC: a killed search resumes from its last saved generation
+        calibrator.state_path = path.with_suffix(".esc-state.pt")
     if cfg.calibration.monitor_every and hasattr(calibrator, "monitor"):  # ESC: test metric along the search
         calibrator.monitor_every = int(cfg.calibration.monitor_every)
         calibrator.monitor = lambda: task.evaluate(qmodel)[task.metric]

@@ -1,6 +1,7 @@
 """ESC search options: the local step alone (generations=0) and monitoring the search mean."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from esc.calibrators.esc import ESCCalibrator, local_mse_scales
@@ -41,3 +42,39 @@ def test_monitor_records_the_search_mean_without_changing_the_result():
     assert all(s.dim() == 1 for s in calls)  # the monitor sees one scale vector (the mean), not a population
     assert len(history["monitor_fitness"]) == 3
     assert torch.allclose(plain.activation_scales(), monitored.activation_scales())
+
+
+@pytest.mark.parametrize("backend", ["evotorch", "pycma"])
+def test_killed_search_resumes_and_ends_as_an_uninterrupted_run(tmp_path, monkeypatch, backend):
+    from esc.calibrators import fitness
+
+    model, data = _setup()
+    settings = dict(generations=7, progress=False, seed=5, backend=backend, save_every=2)
+    whole = quantize_model(model, **W4A4)
+    expected = ESCCalibrator(**settings).calibrate(whole, data)
+    state = tmp_path / "esc-state.pt"
+
+    calls = [0]
+    original = fitness.FitnessEvaluator.__call__
+
+    def dies_at_generation_6(self, scales):  # call 1: the local start; calls 2..: one per generation
+        calls[0] += 1
+        if calls[0] == 7:
+            raise KeyboardInterrupt("killed")
+        return original(self, scales)
+
+    monkeypatch.setattr(fitness.FitnessEvaluator, "__call__", dies_at_generation_6)
+    with pytest.raises(KeyboardInterrupt):
+        ESCCalibrator(**settings, state_path=state).calibrate(quantize_model(model, **W4A4), data)
+    assert state.is_file()  # generations 1-4 saved (every 2), the 5th lost with the kill
+    monkeypatch.setattr(fitness.FitnessEvaluator, "__call__", original)
+
+    evaluated = [0]
+    monkeypatch.setattr(fitness.FitnessEvaluator, "__call__",
+                        lambda self, scales: evaluated.__setitem__(0, evaluated[0] + 1) or original(self, scales))
+    resumed_model = quantize_model(model, **W4A4)
+    resumed = ESCCalibrator(**settings, state_path=state).calibrate(resumed_model, data)
+    assert torch.equal(resumed_model.activation_scales(), whole.activation_scales())
+    assert {k: v for k, v in resumed.history.items()} == expected.history
+    assert evaluated[0] == 1 + 3 + 1  # local start, generations 5-7 live, the final mean: no replayed generation evaluated
+    assert not state.exists()  # removed once the search ended

@@ -9,6 +9,7 @@ import logging
 import math
 import time
 import warnings
+from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
@@ -19,6 +20,7 @@ from tqdm.auto import tqdm
 from esc.calibrators.base import CalibrationData, CalibrationResult, Calibrator
 from esc.calibrators.fitness import FITNESS_KINDS, FitnessEvaluator
 from esc.calibrators.mse import MSECalibrator
+from esc.core.files import load_plain, save_checkpoint
 from esc.quant.model import QuantizedModel
 from esc.quant.modules import QuantConv1d, QuantConv2d, QuantLayerNorm, QuantLinear, QuantMatMul
 from esc.quant.quantizer import QuantizationError, UniformQuantizer, check_finite
@@ -293,6 +295,12 @@ class ESCCalibrator(Calibrator):
     the calibration set: 2 (local step) + 1 (FP reference, kl/mse only) + one per evaluated
     candidate (a batched pass of ``P`` candidates counts ``P``). Deterministic under ``seed``.
 
+    **Interruption**: with ``state_path`` set (the runner sets it next to the calibration cache),
+    the local scales and every generation's population fitness are saved there (after the local
+    step and every ``save_every`` generations); a killed run started again with the same settings
+    replays the saved generations without forward passes and ends exactly as an uninterrupted run
+    (:meth:`_load_state`). The file is deleted when the search ends.
+
     ESC needs symmetric per-tensor activation quantizers (a scale per quantizer, zero point 0).
     After ``calibrate``, ``timings`` holds wall seconds: ``local`` (local step), ``fitness`` (all
     fitness evaluations), ``forward`` (the model forwards inside them), ``search_overhead``
@@ -307,7 +315,8 @@ class ESCCalibrator(Calibrator):
                  local_grid: int = 100, local_min_fraction: float = 1e-3, batched: bool = True, seed: int = 0,
                  num_actors: Optional[int | str] = None, max_batch: Optional[int] = None, theta_bound: float = 10.0,
                  local_max_elements: int = 2**22, progress: bool = True, monitor_every: int = 0,
-                 monitor: Optional[Callable[[], float]] = None, init: str = "output_mse") -> None:
+                 monitor: Optional[Callable[[], float]] = None, init: str = "output_mse",
+                 state_path: Optional[str | Path] = None, save_every: int = 10) -> None:
         if fitness not in FITNESS_KINDS:
             raise QuantizationError(f"ESC: unknown fitness {fitness!r}; use one of {FITNESS_KINDS}")
         if final not in FINALS:
@@ -328,6 +337,9 @@ class ESCCalibrator(Calibrator):
         self.batched, self.seed, self.num_actors, self.max_batch = batched, seed, num_actors, max_batch
         self.theta_bound, self.local_max_elements, self.progress = theta_bound, local_max_elements, progress
         self.monitor_every, self.monitor, self.init = int(monitor_every), monitor, init
+        if save_every < 1:
+            raise QuantizationError(f"ESC: save_every={save_every} must be >= 1")
+        self.state_path, self.save_every = (Path(state_path) if state_path else None), int(save_every)
         self.timings: dict[str, float] = {}
 
     # ---------------------------------------------------------------------------------- helpers
@@ -370,18 +382,30 @@ class ESCCalibrator(Calibrator):
             import evotorch.algorithms  # noqa: F401  (first import takes seconds: not part of the timings)
         start = time.perf_counter()
         self._check(qmodel)
-        s_local = self._local_scales(qmodel, data)
-        t_local = time.perf_counter() - start
+        saved = self._load_state(len(qmodel.activation_quantizers))
+        if saved is None:
+            s_local = self._local_scales(qmodel, data)
+            t_local = time.perf_counter() - start
+        else:
+            s_local, t_local = saved["s_local"], float(saved["t_local"])
+            log.info("ESC: resuming from %s (local step and %d generations saved)", self.state_path, len(saved["fitness"]))
         n = len(s_local)
         popsize = self.popsize or self.default_popsize(n)
         evaluator = FitnessEvaluator(qmodel, data, self.fitness, self.batched, self.max_batch)
         local_fit = float(evaluator(s_local)[0])
+        fitness_log: list[torch.Tensor] = []  # every generation's population fitness: the search state (see _load_state)
+        replay = list(saved["fitness"]) if saved else []
+        self._save_state(s_local, t_local, fitness_log)
         log.info("ESC: %d activation quantizers, local step %.2fs, local fitness (%s) %.6g; CMA-ES (%s) popsize %d, "
                  "%d generations, sigma0 %g", n, t_local, self.fitness, local_fit, self.backend, popsize,
                  self.generations, self.sigma0)
 
         def objective(theta: torch.Tensor) -> torch.Tensor:
-            return evaluator(self._scales(s_local, theta))
+            fit = replay.pop(0) if replay else evaluator(self._scales(s_local, theta))
+            fitness_log.append(fit.detach().double().cpu().clone())
+            if not replay and len(fitness_log) % self.save_every == 0:
+                self._save_state(s_local, t_local, fitness_log)
+            return fit.to(torch.float64)
 
         history: dict[str, list[float]] = {"best": [], "mean": [], "sigma": []}
         best_theta, best_fit = torch.zeros(n), local_fit
@@ -407,6 +431,8 @@ class ESCCalibrator(Calibrator):
         except BaseException:
             qmodel.set_activation_scales(s_local)
             raise
+        if self.state_path is not None:
+            self.state_path.unlink(missing_ok=True)  # the finished calibration is cached by the caller
         kept_local = search_fit > local_fit
         if kept_local:
             log.warning("ESC: the search result's fitness %.6g is worse than the local start's %.6g; keeping the local scales",
@@ -419,12 +445,42 @@ class ESCCalibrator(Calibrator):
         self.timings = dict(local=t_local, fitness=evaluator.seconds, forward=evaluator.forward_seconds, total=seconds,
                             search_overhead=seconds - t_local - evaluator.seconds)
         remote = popsize * len(history["best"]) if self.remote else 0  # counted by the actors' evaluator copies
+        remote += popsize * len(saved["fitness"]) if saved else 0  # evaluated before the interruption
         passes = 2 + (1 if evaluator.reference is not None else 0) + evaluator.evaluations + remote
         history.update(local_fitness=[local_fit], search_fitness=[search_fit], final_fitness=[final_fit],
                        kept_local=[float(kept_local)])
         log.info("ESC: fitness %.6g -> %.6g in %.1fs (%d candidate evaluations)", local_fit, final_fit, seconds,
                  evaluator.evaluations)
         return CalibrationResult(seconds=seconds, forward_passes=passes, history=history)
+
+    def _save_state(self, s_local: torch.Tensor, t_local: float, fitness_log: list[torch.Tensor]) -> None:
+        """Write the search state to ``state_path`` (atomically): the local scales, the local step's
+        seconds and the population fitness of every generation so far."""
+        if self.state_path is None:
+            return
+        save_checkpoint({"s_local": s_local.detach().cpu(), "t_local": float(t_local), "fitness": list(fitness_log),
+                         "settings": self._state_settings()}, self.state_path)
+
+    def _state_settings(self) -> dict:
+        return {"generations": self.generations, "popsize": self.popsize, "sigma0": self.sigma0, "fitness": self.fitness,
+                "backend": self.backend, "separable": self.separable, "seed": self.seed, "init": self.init,
+                "local_grid": self.local_grid, "local_min_fraction": self.local_min_fraction}
+
+    def _load_state(self, n: int) -> Optional[dict]:
+        """The saved search state of an interrupted run with these settings, or ``None``.
+
+        Resuming replays the search: CMA-ES is deterministic under ``seed``, so asking again yields
+        the same populations, and the saved fitness values answer them without a forward pass until
+        the saved generations run out; from there the search continues live, and ends exactly as
+        an uninterrupted run would. A state from other settings or another model is ignored.
+        """
+        if self.state_path is None or not self.state_path.is_file():
+            return None
+        state = load_plain(self.state_path, "delete it to restart the ESC search")
+        if state.get("settings") != self._state_settings() or len(state["s_local"]) != n:
+            log.warning("ESC: ignoring %s (saved by a run with other settings)", self.state_path)
+            return None
+        return state
 
     def _record_monitor(self, qmodel: QuantizedModel, evaluator, s_local: torch.Tensor, theta: torch.Tensor,
                         generation: int, history: dict[str, list[float]]) -> None:

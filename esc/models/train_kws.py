@@ -31,7 +31,8 @@ from tqdm import tqdm
 
 from esc.data.kws import KWSConfig, load_kws, pcm_to_float
 from esc.models.ast import AST, ASTConfig, FrontendConfig, LogMelFrontend
-from esc.models.checkpoint import recipe_provenance, save_checkpoint
+from esc.core.files import save_checkpoint
+from esc.models.checkpoint import recipe_provenance
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,8 @@ from tqdm import tqdm
 
 from esc.data.kws import KWSConfig, load_kws, pcm_to_float
 from esc.models.whisper_kws import ClipLogMel, WhisperKWS, whisper_encoder
-from esc.models.checkpoint import load_plain, recipe_provenance, save_checkpoint
+from esc.core.files import load_plain, save_checkpoint
+from esc.models.checkpoint import recipe_provenance
 
 log = logging.getLogger(__name__)
 
