@@ -20,7 +20,8 @@ activation quantizer off (with ``--with-weights`` that reference has the weights
 quantizer on with the row's clips (the interaction of all layers, for comparison with the row's own metric).
 
 CSV columns: model, task, precision, bits, calibrator, row_key, index, quantizer, clip_hi, signed,
-metric_name, reference, fp32, metric, drop, loss (the task's mean test loss, when it reports one), test_clips.
+metric_name, reference, fp32, metric, drop, loss (the task's mean test loss, when it reports one), test_clips,
+looping (ASR: hypotheses at least twice their reference length), role (the quantizer's op role).
 """
 from __future__ import annotations
 
@@ -104,7 +105,8 @@ def sensitivity(cfg, rows: dict[str, dict], bits: int, with_weights: bool = Fals
                             signed=signed.get(name, True),
                             metric_name=task.metric, reference="fp32" if weight is None else "weights-only",
                             fp32=fp_metric, metric=metric, drop=sign * (fp_metric - metric),
-                            loss=float(result.get("loss", float("nan"))), test_clips=n_test))
+                            loss=float(result.get("loss", float("nan"))), test_clips=n_test,
+                            looping=result.get("looping"), role=quantizers[name].role if name in quantizers else "all"))
             log.info("%s %-50s %s %.4g (drop %.4g)", cal, name, task.metric, metric, out[-1]["drop"])
         qmodel.set_quant_state(activations=False)
     return pd.DataFrame(out)
