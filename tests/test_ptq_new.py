@@ -12,14 +12,17 @@ from esc.calibrators.base import CalibrationData
 from esc.ptq.adaround import dropped_quantization
 from esc.ptq.brecq import BRECQ, QDrop
 from esc.ptq.common import quantized_layers
+from esc.ptq.noisyquant import NoisyInput, NoisyQuant
 from esc.quant.model import QuantSpec, quantize_model
 from esc.quant.quantizer import QuantizationError, UniformQuantizer
-from ptq_models import TinyAttentionBlock, max_calibrate, model_forward
+from models import heavy_tailed
+from ptq_models import TinyAttentionBlock, TinyConvTransformer, make_data, max_calibrate, model_forward
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
 W4 = QuantSpec(4, True, "channel")
 A4 = QuantSpec(4, True, "tensor")
+A6 = QuantSpec(6, True, "tensor")
 
 
 def tensor_data(x: torch.Tensor, batch: int = 8) -> CalibrationData:
@@ -115,7 +118,160 @@ def test_qdrop_rejects_a_probability_outside_0_1():
         QDrop(drop_prob=1.5)
 
 
-@pytest.mark.parametrize("name", ["qdrop"])
+# --------------------------------------------------------------------------------------- NoisyQuant
+def coherent_heavy_tailed(n: int, c: int, seed: int) -> torch.Tensor:
+    """``[n, 4, c]`` rows ``a * v + small noise``: a heavy-tailed per-row amplitude ``a`` (Gaussian with rare 60x
+    outliers) on one channel profile ``v``, i.e. correlated channels, whose rounding errors add up coherently."""
+    g = torch.Generator().manual_seed(seed)
+    v = 1.0 + 0.3 * torch.randn(c, generator=torch.Generator().manual_seed(99))
+    return heavy_tailed((n, 4, 1), seed=seed) * v + 0.05 * torch.randn(n, 4, c, generator=g)
+
+
+def coherent_linear(c: int = 64, out: int = 32) -> nn.Sequential:
+    """A Linear whose rows have a common positive component (so the input's rounding errors do not cancel)."""
+    g = torch.Generator().manual_seed(7)
+    layer = nn.Linear(c, out)
+    with torch.no_grad():
+        layer.weight.copy_((torch.randn(out, c, generator=g) + 0.3) / c ** 0.5)
+    return nn.Sequential(layer).eval()
+
+
+def test_noisyquant_lowers_the_layer_error_on_held_out_heavy_tailed_input():
+    """The defining property: on a heavy-tailed input, 6-bit max calibration, the searched noisy bias lowers the
+    layer's output error against the float layer on clips the search never saw (catches a search that does not
+    pick the best amplitude, noise not removed after the layer, a wrongly folded bias)."""
+    model = coherent_linear()
+    x, x_test = coherent_heavy_tailed(512, 64, seed=1), coherent_heavy_tailed(512, 64, seed=2)
+    data = tensor_data(x, batch=128)
+    qmodel = quantize_model(model, None, A6)
+    max_calibrate(qmodel, data)
+
+    def error(inp):
+        with torch.no_grad():
+            return float((qmodel(inp) - model(inp)).pow(2).mean())
+
+    before, before_test = error(x), error(x_test)
+    method = NoisyQuant()
+    method.apply(qmodel, data)
+    stats = method.stats["0.input_quantizer"]
+    assert stats["amplitude"] > 0
+    assert error(x) < 0.7 * before
+    assert error(x_test) < 0.7 * before_test
+    torch.testing.assert_close(stats["error_noisy"], error(x), rtol=1e-4, atol=0)  # the searched error is the model's
+
+
+def test_noisyquant_model_computes_the_definition():
+    """The layer computes ``W_q (Q(x + n) - n) + b`` (by hand, with the quantizer's own scale), and with activation
+    quantization off it is the weight-quantized layer again: the noise is exactly removed through the bias."""
+    model = coherent_linear()
+    x = coherent_heavy_tailed(64, 64, seed=3)
+    data = tensor_data(x, batch=32)
+    qmodel = quantize_model(model, W4, A6)
+    max_calibrate(qmodel, data)
+    with torch.no_grad():
+        weight_only = qmodel.model[0].quantized_weight().clone()
+        ref_off = torch.nn.functional.linear(x, weight_only, model[0].bias)
+    NoisyQuant(steps=50).apply(qmodel, data)
+    layer = qmodel.model[0]
+    assert isinstance(layer.input_quantizer, NoisyInput)
+    n, q = layer.input_quantizer.noise, layer.input_quantizer.quantizer
+    assert n.abs().max() > 0
+    s = float(q.scale)
+    hand = ((x + n) / s).round().clamp(-31, 31) * s - n
+    with torch.no_grad():
+        torch.testing.assert_close(qmodel(x), hand @ weight_only.T + model[0].bias, rtol=1e-5, atol=1e-5)
+        with qmodel.quant_state(activations=False):
+            torch.testing.assert_close(qmodel(x), ref_off, rtol=1e-5, atol=1e-5)
+
+
+def test_noisyquant_with_zero_amplitude_leaves_the_model_unchanged():
+    """max_amplitude=0: every output equals the calibrated model's bit for bit (catches noise or a bias change
+    that does not vanish with the amplitude); every block Linear is treated, the head (its own role) is not."""
+    model = TinyConvTransformer().eval()
+    data = make_data(8, 4, mean=1.0)
+    qmodel = quantize_model(model, W4, A6, head=["head"])
+    max_calibrate(qmodel, data)
+    with torch.no_grad():
+        ref = [qmodel(b) for b in data.batches]
+    method = NoisyQuant(max_amplitude=0.0, steps=3)
+    method.apply(qmodel, data)
+    assert set(method.stats) == {f"blocks.{i}.{n}.input_quantizer" for i in (0, 1) for n in ("qkv", "proj", "fc1", "fc2")}
+    with torch.no_grad():
+        assert all(torch.equal(qmodel(b), r) for b, r in zip(data.batches, ref))
+
+
+class SharedReaders(nn.Module):
+    """A LayerNorm read by three Linears (Hugging Face's separate query/key/value projections)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.norm = nn.LayerNorm(16)
+        self.q, self.k, self.v = nn.Linear(16, 8), nn.Linear(16, 8), nn.Linear(16, 8, bias=False)
+
+    def forward(self, x):
+        h = self.norm(x)
+        return torch.cat([self.q(h), self.k(h), self.v(h)], -1)
+
+
+def test_noisyquant_gives_a_shared_tensor_one_noise_and_folds_each_readers_bias():
+    """A LayerNorm output shared by three Linears gets one NoisyInput (one noise) in all four slots, and each reader's
+    bias (one added to the bias-less ``v``) removes it: with activation quantization off the outputs are the
+    weight-quantized ones (catches a slot left unwrapped, which double-quantizes, or a reader left unfolded)."""
+    model = SharedReaders().eval()
+    data = tensor_data(correlated(16, 6, 16, seed=4))
+    qmodel = quantize_model(model, W4, A4)
+    qmodel.share_quantizers(lambda: qmodel(data.batches[0]))
+    max_calibrate(qmodel, data)
+    with torch.no_grad(), qmodel.quant_state(activations=False):
+        ref = [qmodel(b) for b in data.batches]
+    assert qmodel.model.q.input_quantizer is qmodel.model.norm.output_quantizer  # one quantizer, kept at the norm
+    method = NoisyQuant(steps=40, roles=["layernorm_output"])
+    method.apply(qmodel, data)
+    slots = [qmodel.model.norm.output_quantizer] + [getattr(qmodel.model, n).input_quantizer for n in "qkv"]
+    assert isinstance(slots[0], NoisyInput) and all(s is slots[0] for s in slots)
+    assert list(method.stats) == ["norm.output_quantizer"] and method.stats["norm.output_quantizer"]["amplitude"] > 0
+    assert qmodel.model.v.bias is not None
+    with torch.no_grad(), qmodel.quant_state(activations=False):
+        for b, r in zip(data.batches, ref):
+            torch.testing.assert_close(qmodel(b), r, rtol=1e-5, atol=1e-5)
+
+
+class ResidualReader(nn.Module):
+    """A LayerNorm output read by a Linear and by a residual add (a reader no bias can denoise)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.norm, self.fc = nn.LayerNorm(16), nn.Linear(16, 16)
+
+    def forward(self, x):
+        h = self.norm(x)
+        return h + self.fc(h)
+
+
+def test_noisyquant_reverts_a_tensor_with_a_hidden_reader():
+    """The residual add would keep the noise: the check reverts that tensor and the model is left as calibrated."""
+    model = ResidualReader().eval()
+    data = tensor_data(correlated(16, 6, 16, seed=5))
+    qmodel = quantize_model(model, W4, A4)
+    qmodel.share_quantizers(lambda: qmodel(data.batches[0]))
+    max_calibrate(qmodel, data)
+    with torch.no_grad():
+        ref = [qmodel(b) for b in data.batches]
+    method = NoisyQuant(steps=40, roles=["layernorm_output"])
+    method.apply(qmodel, data)
+    assert method.stats == {} and isinstance(qmodel.model.fc.input_quantizer, UniformQuantizer)
+    with torch.no_grad():
+        assert all(torch.equal(qmodel(b), r) for b, r in zip(data.batches, ref))
+
+
+def test_noisyquant_rejects_unknown_roles():
+    with pytest.raises(QuantizationError, match="roles"):
+        NoisyQuant(roles=["linear"])
+
+
+@pytest.mark.parametrize("name", ["qdrop", "noisyquant"])
 def test_new_hydra_configs_instantiate(name):
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
@@ -123,4 +279,4 @@ def test_new_hydra_configs_instantiate(name):
     cfg = OmegaConf.create({"seed": 3, "ptq": OmegaConf.load(ROOT / "conf" / "ptq" / f"{name}.yaml")})
     method = instantiate(cfg.ptq)
     assert method.name == name
-    assert {"qdrop": "after"}[name] == method.stage
+    assert method.stage == "after"
