@@ -13,6 +13,7 @@ from esc.ptq.adaround import dropped_quantization
 from esc.ptq.brecq import BRECQ, QDrop
 from esc.ptq.common import quantized_layers
 from esc.ptq.noisyquant import NoisyInput, NoisyQuant
+from esc.ptq.rotation import QuantRotatedLinear, RotatedLinear, Rotation, random_rotation
 from esc.quant.model import QuantSpec, quantize_model
 from esc.quant.quantizer import QuantizationError, UniformQuantizer
 from models import heavy_tailed
@@ -271,7 +272,74 @@ def test_noisyquant_rejects_unknown_roles():
         NoisyQuant(roles=["linear"])
 
 
-@pytest.mark.parametrize("name", ["qdrop", "noisyquant"])
+# ----------------------------------------------------------------------------------------- Rotation
+@pytest.mark.parametrize("dim,kind", [(32, "hadamard"), (24, "hadamard"), (32, "orthogonal")])
+def test_rotation_keeps_the_fp32_function(dim, kind):
+    """FP32 outputs unchanged to 1e-4 after rotating every Linear (24: not a power of two, the orthogonal fallback);
+    the rotations are orthogonal and the Hadamard one has entries +-1/sqrt(d) (catches a non-orthogonal R, a weight
+    rotated on the wrong side, a forward that forgets to rotate)."""
+    model = TinyConvTransformer(dim=dim, ff=2 * dim, outlier_channels=2).eval()
+    data = make_data(8, 4)
+    rotated = copy.deepcopy(model)
+    method = Rotation(kind=kind)
+    method.apply(rotated, data)
+    assert len(method.rotated) == 9 and all(isinstance(rotated.get_submodule(n), RotatedLinear) for n in method.rotated)
+    r = rotated.blocks[0].fc2.rotation
+    torch.testing.assert_close(r @ r.T, torch.eye(r.shape[0]), rtol=0, atol=1e-5)
+    if kind == "hadamard" and dim == 32:
+        torch.testing.assert_close(r.abs(), torch.full_like(r, r.shape[0] ** -0.5), rtol=0, atol=1e-6)
+    with torch.no_grad():
+        for b in data.batches:
+            ref = model(b)
+            torch.testing.assert_close(rotated(b), ref, rtol=0, atol=1e-4 * float(ref.abs().max()))
+
+
+def test_rotation_shrinks_static_ranges_of_outlier_channel_inputs():
+    """The LayerNorm outputs with two 20x channels feed qkv and fc1: after rotation, max calibration of those inputs
+    gives scales at least 2x smaller; the quantized model with every quantizer off is still the float model."""
+    model = TinyConvTransformer(outlier_channels=2).eval()
+    data = make_data(8, 4)
+    rotated = copy.deepcopy(model)
+    Rotation().apply(rotated, data)
+    q_plain, q_rot = quantize_model(model, W4, A6, head=["head"]), quantize_model(rotated, W4, A6, head=["head"])
+    assert isinstance(q_rot.model.blocks[0].fc1, QuantRotatedLinear)
+    assert q_rot.model.head.input_quantizer.role == "head"  # same paths, same roles
+    max_calibrate(q_plain, data)
+    max_calibrate(q_rot, data)
+    plain, rot = q_plain.all_activation_quantizers, q_rot.all_activation_quantizers
+    for name in [f"blocks.{i}.{n}.input_quantizer" for i in (0, 1) for n in ("qkv", "fc1")]:
+        assert float(rot[name].scale) < 0.5 * float(plain[name].scale), name
+    with torch.no_grad(), q_rot.quant_state(weights=False, activations=False):
+        for b in data.batches:
+            torch.testing.assert_close(q_rot(b), model(b), rtol=0, atol=1e-4 * float(model(b).abs().max()))
+
+
+class WeightReader(nn.Module):
+    """Reads its Linear's weight outside the Linear's forward (a tied use)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.fc(x) + x @ self.fc.weight
+
+
+def test_rotation_refuses_a_model_whose_float_function_it_would_change():
+    data = tensor_data(correlated(8, 4, 8, seed=1))
+    with pytest.raises(QuantizationError, match="outside"):
+        Rotation().apply(WeightReader().eval(), data)
+    Rotation(exclude=["fc"]).apply(WeightReader().eval(), data)  # the way out the message names
+
+
+def test_random_rotation_is_seeded():
+    a = random_rotation(16, "hadamard", torch.Generator().manual_seed(0))
+    assert torch.equal(a, random_rotation(16, "hadamard", torch.Generator().manual_seed(0)))
+    assert not torch.equal(a, random_rotation(16, "hadamard", torch.Generator().manual_seed(1)))
+
+
+@pytest.mark.parametrize("name", ["qdrop", "noisyquant", "rotation"])
 def test_new_hydra_configs_instantiate(name):
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
@@ -279,4 +347,5 @@ def test_new_hydra_configs_instantiate(name):
     cfg = OmegaConf.create({"seed": 3, "ptq": OmegaConf.load(ROOT / "conf" / "ptq" / f"{name}.yaml")})
     method = instantiate(cfg.ptq)
     assert method.name == name
-    assert method.stage == "after"
+    assert method.stage == ("before" if name == "rotation" else "after")
+    assert method.seed == 3
