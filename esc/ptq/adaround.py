@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 
 from esc.calibrators.base import CalibrationData
 from esc.ptq.base import PTQMethod
-from esc.ptq.common import (capture, capture_outputs, first_tensor, float_reference, forward_order, frozen_parameters, no_fastpath,
-                            out_channels, quantized_layers, require_quantized, trace_calls)
+from esc.ptq.common import (all_quantizers, capture, capture_outputs, first_tensor, float_reference, forward_order, frozen_parameters,
+                            no_fastpath, out_channels, quantized_layers, require_quantized, trace_calls)
 from esc.quant.quantizer import QuantizationError, UniformQuantizer
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,34 @@ def swapped_weight_quantizers(layers: list[nn.Module], replacements: list[nn.Mod
     finally:
         for layer, old in zip(layers, saved):
             layer.weight_quantizer, layer._wq_key = old, None
+
+
+@contextlib.contextmanager
+def dropped_quantization(module: nn.Module, prob: float, generator: torch.Generator):
+    """QDrop's random dropping inside the block: every enabled activation quantizer in ``module`` returns, per
+    element, its input ``x`` with probability ``prob`` and ``Q(x)`` otherwise (a fresh mask from ``generator`` for
+    each new input tensor; a shared quantizer reading the same tensor again reuses its mask). No-op for ``prob=0``."""
+    if not prob:
+        yield
+        return
+    last: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def hook(quantizer, args, out):
+        x = args[0]
+        seen = last.get(id(quantizer))
+        if seen is not None and seen[0] is x:
+            return seen[1]
+        drop = torch.rand(out.shape, generator=generator).to(out.device) < prob
+        mixed = torch.where(drop, x, out)
+        last[id(quantizer)] = (x, mixed)
+        return mixed
+
+    handles = [q.register_forward_hook(hook) for q in all_quantizers(module) if q.enabled]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 # ------------------------------------------------------------------------------- input cache
@@ -184,6 +212,8 @@ class AdaRound(PTQMethod):
     ordinary weight quantizer is checked to reproduce it exactly. ``keep_better=True`` (not in the
     paper; a guard for short CPU schedules) keeps round-to-nearest for a unit whose learned rounding
     has a higher reconstruction loss on the calibration cache (and bakes the nearest rounding).
+    ``drop_prob > 0`` (default 0: off) drops activation quantization at random during the optimisation
+    steps, QDrop's change (:class:`esc.ptq.brecq.QDrop`); the before/after losses are fully quantized.
 
     Defaults are for CPU runs on small models: ``iterations=100, lr=1e-2, batch_size=8`` (about 20 CPU
     seconds on one core for the 0.9M-parameter stand-in of ``benchmarks/ptq_timing.py``, 19 layers,
@@ -204,10 +234,11 @@ class AdaRound(PTQMethod):
     def __init__(self, iterations: int = 100, lr: float = 1e-2, reg_weight: float = 0.01, beta_start: float = 20.0,
                  beta_end: float = 2.0, warmup: float = 0.2, batch_size: int = 8, seed: int = 0,
                  zeta: float = 1.1, gamma: float = -0.1, eval_batch_size: int = 128, target_cache_mb: float = 1024.0,
-                 keep_better: bool = True) -> None:
-        if iterations < 1 or batch_size < 1 or not 0.0 <= warmup < 1.0:
-            raise QuantizationError(f"{type(self).__name__}: need iterations >= 1, batch_size >= 1 and 0 <= warmup < 1 "
-                                    f"(got {iterations}, {batch_size}, {warmup})")
+                 keep_better: bool = True, drop_prob: float = 0.0) -> None:
+        if iterations < 1 or batch_size < 1 or not 0.0 <= warmup < 1.0 or not 0.0 <= drop_prob <= 1.0:
+            raise QuantizationError(f"{type(self).__name__}: need iterations >= 1, batch_size >= 1, 0 <= warmup < 1 and "
+                                    f"0 <= drop_prob <= 1 (got {iterations}, {batch_size}, {warmup}, {drop_prob})")
+        self.drop_prob = drop_prob
         self.iterations, self.lr, self.reg_weight = iterations, lr, reg_weight
         self.beta_start, self.beta_end, self.warmup = beta_start, beta_end, warmup
         self.batch_size, self.seed, self.zeta, self.gamma = batch_size, seed, zeta, gamma
@@ -229,6 +260,7 @@ class AdaRound(PTQMethod):
             log.warning("%s: no quantized layer with an enabled weight quantizer; nothing to do", self.name)
             return
         generator = torch.Generator().manual_seed(self.seed)
+        drop_generator = torch.Generator().manual_seed(self.seed + 1)  # QDrop masks: minibatch sampling stays as without drop
         originals: dict[nn.Module, torch.Tensor] = {}
         modules = {unit.name: unit.module for unit in units}
         _, calls, nbytes = trace_calls(qmodel, data, modules)
@@ -246,7 +278,7 @@ class AdaRound(PTQMethod):
                             outs = capture_outputs(qmodel, data, [u.module for u in chunk], last.module if last else None)
                         targets = {u.name: o for u, o in zip(chunk, outs)}
                     self.stats[unit.name] = self.reconstruct(qmodel, data, unit, originals, generator,
-                                                             calls[unit.name] == 1, targets.pop(unit.name))
+                                                             calls[unit.name] == 1, targets.pop(unit.name), drop_generator)
                     log.info("%s %s: reconstruction loss %.4g (nearest) -> %.4g%s", self.name, unit.name,
                              self.stats[unit.name]["nearest"], self.stats[unit.name]["learned"],
                              " (worse: nearest kept)" if self.stats[unit.name]["kept_nearest"] else "")
@@ -274,12 +306,14 @@ class AdaRound(PTQMethod):
 
     def reconstruct(self, qmodel: nn.Module, data: CalibrationData, unit: Unit,
                     originals: dict[nn.Module, torch.Tensor], generator: torch.Generator, stop: bool = False,
-                    targets: Optional[list[torch.Tensor]] = None) -> dict[str, float]:
+                    targets: Optional[list[torch.Tensor]] = None,
+                    drop_generator: Optional[torch.Generator] = None) -> dict[str, float]:
         """Learn the rounding of ``unit.layers`` on ``unit.module``'s output, bake it, record the float weights
         in ``originals``; returns the reconstruction loss of nearest and learned rounding on the whole cache
         and whether nearest rounding was kept (``keep_better``).
         ``stop``: the unit runs once per forward, so capture passes may end right after it; ``targets``: the
-        unit's float outputs over the calibration set, if already captured."""
+        unit's float outputs over the calibration set, if already captured; ``drop_generator``: draws the masks of
+        ``drop_prob`` (QDrop) during the optimisation steps (the before/after losses are always fully quantized)."""
         if targets is None:
             with float_reference(qmodel, originals):
                 _, targets = capture(qmodel, data, unit.module, outputs=True, stop=stop)
@@ -287,20 +321,23 @@ class AdaRound(PTQMethod):
         cache = IOCache(calls, targets)
         del calls, targets
         channels = out_channels(unit.layers[-1])
+        if drop_generator is None:
+            drop_generator = torch.Generator().manual_seed(self.seed + 1)
         softs = [SoftRounding(layer.weight_quantizer, layer.weight, self.zeta, self.gamma) for layer in unit.layers]
         with no_fastpath(unit.module):
             nearest = self._cache_loss(unit, cache, channels)
             with swapped_weight_quantizers(unit.layers, softs):
                 optimiser = torch.optim.Adam([s.V for s in softs], lr=self.lr)
-                for step in range(self.iterations):
-                    args, kwargs, target = cache.sample(self.batch_size, generator)
-                    loss = reconstruction_loss(first_tensor(unit.module(*args, **kwargs)), target, channels)
-                    beta = self.beta(step)
-                    if beta is not None and self.reg_weight:
-                        loss = loss + self.reg_weight * sum(s.regulariser(beta) for s in softs)
-                    optimiser.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimiser.step()
+                with dropped_quantization(unit.module, self.drop_prob, drop_generator):
+                    for step in range(self.iterations):
+                        args, kwargs, target = cache.sample(self.batch_size, generator)
+                        loss = reconstruction_loss(first_tensor(unit.module(*args, **kwargs)), target, channels)
+                        beta = self.beta(step)
+                        if beta is not None and self.reg_weight:
+                            loss = loss + self.reg_weight * sum(s.regulariser(beta) for s in softs)
+                        optimiser.zero_grad(set_to_none=True)
+                        loss.backward()
+                        optimiser.step()
                 for s in softs:
                     s.hard = True
                 with torch.no_grad():

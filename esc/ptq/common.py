@@ -234,3 +234,37 @@ def no_fastpath(module: nn.Module):
         yield
     finally:
         handle.remove()
+
+
+def _float_leaves(obj: Any) -> list[torch.Tensor]:
+    """Every tensor in a (nested) model output."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    if isinstance(obj, (tuple, list)):
+        return [t for item in obj for t in _float_leaves(item)]
+    return [t for t in vars(obj).values() if isinstance(t, torch.Tensor)] if hasattr(obj, "__dict__") else []
+
+
+def first_batch_outputs(model: nn.Module, data: CalibrationData) -> list[torch.Tensor]:
+    """Every output tensor of ``model`` on the first calibration batch (no gradients, cloned)."""
+    with torch.no_grad():
+        return [t.detach().clone() for t in _float_leaves(data.forward(model, data.batches[0]))]
+
+
+def outputs_match(ref: list[torch.Tensor], new: list[torch.Tensor], rtol: float) -> bool:
+    """Whether ``new`` equals ``ref`` tensor by tensor: same shapes, float values within ``rtol`` times each
+    reference's max magnitude, other dtypes exactly (the check of function-preserving transforms)."""
+    if len(ref) != len(new):
+        return False
+    for a, b in zip(ref, new):
+        if a.shape != b.shape:
+            return False
+        if a.is_floating_point():
+            tol = rtol * max(float(a.abs().max()), 1e-12) if a.numel() else 0.0
+            if not torch.allclose(a, b, rtol=0.0, atol=tol):
+                return False
+        elif not torch.equal(a, b):
+            return False
+    return True

@@ -2,28 +2,16 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
-
 import torch
 from torch import nn
 
 from esc.calibrators.base import CalibrationData
 from esc.ptq.base import PTQMethod
+from esc.ptq.common import first_batch_outputs, outputs_match
 from esc.quant.model import QuantizedModel
 from esc.quant.quantizer import QuantizationError
 
 log = logging.getLogger(__name__)
-
-
-def _float_leaves(obj: Any) -> list[torch.Tensor]:
-    """Every tensor in a (nested) model output."""
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if isinstance(obj, dict):
-        obj = list(obj.values())
-    if isinstance(obj, (tuple, list)):
-        return [t for item in obj for t in _float_leaves(item)]
-    return [t for t in vars(obj).values() if isinstance(t, torch.Tensor)] if hasattr(obj, "__dict__") else []
 
 
 class SmoothQuant(PTQMethod):
@@ -116,7 +104,7 @@ class SmoothQuant(PTQMethod):
             raise QuantizationError("SmoothQuant acts on the float model before quantizers are inserted (stage='before'); "
                                     "apply it to the float model and call quantize_model afterwards")
         groups, act_max = self.find_groups(model, data)
-        reference = self._outputs(model, data) if self.verify else None
+        reference = first_batch_outputs(model, data) if self.verify else None
         self.groups, self.scales = {}, {}
         for norm_name, lin_names in groups.items():
             norm = model.get_submodule(norm_name)
@@ -130,7 +118,7 @@ class SmoothQuant(PTQMethod):
                     norm.bias.div_(s)
                 for lin in linears:
                     lin.weight.mul_(s)
-            if reference is not None and not self._matches(reference, self._outputs(model, data)):
+            if reference is not None and not outputs_match(reference, first_batch_outputs(model, data), self.rtol):
                 log.warning("%s: smoothing %s changed the float model's output (its output has a consumer other than %s); reverted",
                             self.name, norm_name, lin_names)
                 with torch.no_grad():
@@ -143,22 +131,3 @@ class SmoothQuant(PTQMethod):
             self.groups[norm_name], self.scales[norm_name] = lin_names, s
         log.info("%s: smoothed %d LayerNorm groups (%d Linears)", self.name, len(self.groups),
                  sum(len(v) for v in self.groups.values()))
-
-    @staticmethod
-    def _outputs(model: nn.Module, data: CalibrationData) -> list[torch.Tensor]:
-        with torch.no_grad():
-            return [t.detach().clone() for t in _float_leaves(data.forward(model, data.batches[0]))]
-
-    def _matches(self, ref: list[torch.Tensor], new: list[torch.Tensor]) -> bool:
-        if len(ref) != len(new):
-            return False
-        for a, b in zip(ref, new):
-            if a.shape != b.shape:
-                return False
-            if a.is_floating_point():
-                tol = self.rtol * max(float(a.abs().max()), 1e-12) if a.numel() else 0.0
-                if not torch.allclose(a, b, rtol=0.0, atol=tol):
-                    return False
-            elif not torch.equal(a, b):
-                return False
-        return True
