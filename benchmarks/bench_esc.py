@@ -15,8 +15,9 @@ timings are the best of ``--repeats`` interleaved runs):
 
 * calibration time per calibrator (minmax / percentile / entropy / mse when importable; ESC with
   ``--generations`` generations and projected to 100: local step + (the rest) x 100 / generations);
+* ESC's local step and seconds per generation;
 * ESC fitness evaluations per second, one batched pass for the whole population vs one pass per
-  candidate (target >= 2x);
+  candidate (target >= 2x) vs ``max_batch="auto"`` (its probe run first, untimed);
 * ESC overhead over the bare forward passes it needs, measured inside the same run (the time spent in
   ``data.forward`` during the fitness evaluations, plus an estimate of the local step's 2 FP passes):
   search overhead (fitness loss, batch repeat, CMA-ES) and total overhead including the local step's
@@ -171,6 +172,7 @@ def main() -> None:
     rows.append((f"calibration time: esc, {args.generations} generations (measured)", f"{tm['total']:.1f} s"))
     rows.append(("calibration time: esc, 100 generations (projected)", f"{projected:.1f} s"))
     rows.append(("  esc local step (2 passes + grid errors)", f"{tm['local']:.1f} s"))
+    rows.append(("  esc seconds per generation (all but the local step)", f"{(tm['total'] - tm['local']) / gens:.2f} s"))
     rows.append(("  esc fitness evaluations", f"{tm['fitness']:.1f} s ({result.forward_passes} forward passes counted)"))
     rows.append(("  esc bare model forwards inside them", f"{tm['forward']:.1f} s"))
     rows.append(("  esc CMA-ES + bookkeeping", f"{tm['search_overhead']:.2f} s"))
@@ -182,11 +184,16 @@ def main() -> None:
     population = s_local * torch.exp(0.1 * torch.randn(popsize, n_act, generator=g))
     batched = FitnessEvaluator(qmodel, data, "task", batched=True)
     single = FitnessEvaluator(qmodel, data, "task", batched=False)
-    t_batched, t_single = interleaved([lambda: batched(population), lambda: single(population)], args.repeats)
-    eps_b, eps_s = popsize / t_batched, popsize / t_single
+    auto = FitnessEvaluator(qmodel, data, "task", max_batch="auto")
+    auto(population)  # the probe (first population), not timed here
+    t_batched, t_single, t_auto = interleaved([lambda: batched(population), lambda: single(population),
+                                               lambda: auto(population)], args.repeats)
+    eps_b, eps_s, eps_a = popsize / t_batched, popsize / t_single, popsize / t_auto
     rows.append(("fitness evals/s batched (one pass per population)", f"{eps_b:.2f}"))
     rows.append(("fitness evals/s one by one", f"{eps_s:.2f}"))
+    rows.append((f"fitness evals/s max_batch=auto (chose {auto.chunk} candidates per forward)", f"{eps_a:.2f}"))
     rows.append(("batched gain (target >= 2x)", f"{eps_b / eps_s:.2f}x"))
+    rows.append(("auto gain over one by one", f"{eps_a / eps_s:.2f}x"))
 
     # ------------------------------------ overhead over the bare forwards ESC needs (same run)
     # bare forwards: those inside the fitness evaluations, plus the local step's 2 FP passes

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,8 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from esc.calibrators.base import CalibrationData
-from esc.calibrators.esc import ESCCalibrator, local_grid_fractions, local_mse_scales
-from esc.calibrators.fitness import FitnessEvaluator, kl_per_sample, mse_per_sample
+from esc.calibrators.esc import (ESCCalibrator, _LocalObjective, _RowSample, local_coarse_indices, local_grid_fractions, local_mse_scales,
+                                 local_output_mse)
+from esc.calibrators.fitness import FitnessEvaluator, choose_chunk, kl_per_sample, mse_per_sample, probe_chunks
 from esc.quant.model import QuantSpec, quantize_model
 from esc.quant.modules import MatMul
 from esc.quant.quantizer import QuantizationError
@@ -74,6 +76,49 @@ def test_batched_and_one_by_one_fitness_agree(transformer_setup, kind):
     assert torch.allclose(batched, one_by_one, rtol=1e-5, atol=1e-7)
     assert torch.allclose(batched, chunked, rtol=1e-5, atol=1e-7)
     assert batched.std() > 0  # the candidates really differ
+
+
+def test_auto_chunk_choice_is_never_slower_than_one_by_one_on_its_probe():
+    assert probe_chunks(15) == [1, 2, 4, 8] and probe_chunks(6) == [1, 2, 3] and probe_chunks(2) == [1, 1]
+    assert probe_chunks(17) == [1, 2, 4, 8, 2]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):  # fake timings: per-chunk seconds ~ c^e with random e in [0, 2] and random noise
+        measured = {}
+        for c in probe_chunks(int(torch.randint(2, 40, (1,), generator=g))):
+            seconds, n = measured.get(c, (0.0, 0))
+            noise, e = torch.rand(2, generator=g).tolist()
+            measured[c] = (seconds + (0.5 + noise) * c ** (2 * e), n + c)
+        per_candidate = {c: t / n for c, (t, n) in measured.items()}
+        chosen = choose_chunk(measured)
+        assert per_candidate[chosen] <= per_candidate[1] and per_candidate[chosen] == min(per_candidate.values())
+    assert choose_chunk({1: (2.0, 1), 2: (4.0, 2), 4: (8.0, 4)}) == 1  # ties: the smaller chunk
+    with pytest.raises(QuantizationError, match="one-by-one"):
+        choose_chunk({2: (1.0, 2)})
+
+
+@pytest.mark.parametrize("cost, expected", [(lambda n: 1.0 + 0.01 * n, 8), (lambda n: 0.01 * n * n, 1)],
+                         ids=["batching_pays", "batching_slower"])
+def test_auto_batch_follows_its_probe_and_keeps_the_unbatched_fitness(transformer_setup, cost, expected):
+    """Fake timings (a clock advanced by ``cost(samples)`` per forward): the probe of the first population (15
+    candidates in chunks 1, 2, 4, 8) picks the fastest per candidate; every fitness value equals one by one's."""
+    model, data = transformer_setup
+    qmodel = quantize_model(model, **W4A4)
+    s_local, _ = local_mse_scales(qmodel, data, grid=20)
+    now = [0.0]
+
+    def forward(m, batch):
+        now[0] += cost(len(batch[0]))
+        return data.forward(m, batch)
+    auto = FitnessEvaluator(qmodel, CalibrationData(data.batches, forward, data.loss), "task", max_batch="auto",
+                            clock=lambda: now[0])
+    one_by_one = FitnessEvaluator(qmodel, data, "task", batched=False)
+    assert torch.equal(auto(s_local), one_by_one(s_local)) and auto.chunk is None  # one candidate: no probe
+    for seed in range(3):
+        population = s_local * torch.exp(0.3 * torch.randn(15, len(s_local), generator=torch.Generator().manual_seed(seed)))
+        assert torch.equal(auto(population), one_by_one(population))
+    assert auto.chunk == expected and list(auto.probe) == [1, 2, 4, 8]
+    with pytest.raises(QuantizationError, match="max_batch"):
+        FitnessEvaluator(qmodel, data, "task", max_batch="fast")
 
 
 def test_fp_reference_is_float_model(transformer_setup):
@@ -184,6 +229,89 @@ def test_local_step_matmul_operands_and_layernorm_brute_force():
             q.enabled = True
             errors.append(((layer(q(t)) - layer(t)) ** 2).mean().item())
         assert scales[i].item() == pytest.approx(candidates[int(torch.tensor(errors).argmin())].item(), rel=1e-6), name
+
+
+def _test_model(name):
+    """The two test models of the local-step equivalence test, quantized W4A4, with their calibration data."""
+    if name == "transformer":
+        model = TinyTransformer().eval()
+        return quantize_model(model, **W4A4), classification_data(model, torch.randn(24, 8, 10, generator=torch.Generator().manual_seed(1)), 8)
+    return quantize_model(tiny_yamnet(), **W4A4), make_data(12, 6, n_mels=24, frames=16, mean=1.0)
+
+
+@pytest.mark.parametrize("model_name", ["transformer", "yamnet"])
+@pytest.mark.parametrize("options", [dict(search="coarse_fine"), dict(search="coarse_fine", stride=20, refine=1),
+                                     dict(search="coarse_fine", samples=2**20)], ids=["coarse_fine", "stride20", "captured"])
+def test_cheap_local_step_within_one_percent_of_exhaustive(model_name, options):
+    """Every quantizer's layer-output MSE (whole calibration set) at the cheaper search's scale is within 1% of its
+    MSE at the exhaustive grid's scale (``captured``: the errors from rows kept in the max pass, here all of them)."""
+    qmodel, data = _test_model(model_name)
+    exhaustive, maxima = local_mse_scales(qmodel, data)
+    cheap, cheap_maxima = local_mse_scales(qmodel, data, **options)
+    assert torch.equal(cheap_maxima, maxima)
+    mse = local_output_mse(qmodel, data, torch.stack([exhaustive, cheap], dim=1))
+    assert (mse[:, 1] <= 1.01 * mse[:, 0]).all(), (mse[:, 1] / mse[:, 0]).tolist()
+    qmax = torch.tensor([q.qmax for q in qmodel.activation_quantizers.values()])
+    grid = (local_grid_fractions(100, 1e-3)[None] * maxima.double()[:, None] / qmax[:, None]).float()
+    assert torch.allclose(local_output_mse(qmodel, data, grid).min(1).values, mse[:, 0], rtol=1e-6)  # exhaustive = grid min
+
+
+def test_coarse_fine_candidates_on_a_two_minimum_curve(monkeypatch):
+    """The candidates on an error curve like the KWS AST's first fc2 input (falling to the last grid point, with a
+    narrow dip at 88 between the coarse points 80 and 90): ``refine=1`` searches the bracket of the best coarse point
+    only and misses the dip; ``refine=2`` (the default) also searches around the second best, 90, and finds it."""
+    assert local_coarse_indices(100, 10).tolist() == [0, 10, 20, 30, 40, 50, 60, 70, 80, 90, 99]
+    data = CalibrationData([heavy_tailed((64, 4), seed=3)], forward=lambda m, b: m(b))
+    qmodel = quantize_model(nn.Sequential(nn.Linear(4, 3)), **W4A4)
+    maxima = local_mse_scales(qmodel, data, grid=2)[1]
+    grid = (local_grid_fractions(100, 1e-3) * maxima[0].double() / 7).float()
+    curve = 10.0 - torch.linspace(0, 1, 100, dtype=torch.float64)
+    curve[88] = 1.0
+    evaluated = []
+
+    def fake_sse(self, scales):
+        idx = {name: torch.searchsorted(grid, s) for name, s in scales.items()}
+        evaluated.extend(i for ix in idx.values() for i in ix.tolist())
+        return {name: SimpleNamespace(sse=curve[ix]) for name, ix in idx.items()}
+
+    monkeypatch.setattr(_LocalObjective, "sse", fake_sse)
+    one, _ = local_mse_scales(qmodel, data, search="coarse_fine", refine=1)
+    assert sorted(evaluated) == [*range(0, 91, 10), *range(91, 100)]  # the coarse points, then the bracket (90, 99)
+    assert one[0] == grid[99]
+    assert local_mse_scales(qmodel, data, search="coarse_fine")[0][0] == grid[88]
+
+
+def test_row_sample_is_the_seeded_bottom_k_of_the_stream():
+    rows, ids = torch.randn(50, 3), torch.arange(50.0)[:, None]
+    sample = _RowSample(samples=30, seed=7)  # at most 30 elements of 3-element rows: k = 10
+    for a, b in ((0, 17), (17, 18), (18, 50)):
+        sample.add(rows[a:b], ids[a:b])  # rows and their ids are kept together
+    keys = torch.rand(50, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    expected = torch.sort(torch.argsort(keys)[:10]).values
+    (kept, kept_ids), = sample.groups()
+    assert sample.k == 10 and torch.equal(kept, rows[expected]) and torch.equal(kept_ids[:, 0], expected.float())
+    whole = _RowSample(samples=30, seed=7)
+    whole.add(rows, ids)
+    assert torch.equal(whole.groups()[0][0], kept)  # the same stream in other batches: the same sample
+    other_seed = _RowSample(samples=30, seed=8)
+    other_seed.add(rows, ids)
+    assert not torch.equal(other_seed.groups()[0][0], kept)
+
+
+@pytest.mark.parametrize("model_name", ["transformer", "yamnet"])
+def test_local_row_sample_covering_the_data_equals_the_two_pass_step(model_name):
+    """Rows kept in the max pass give the streamed answer when they are all of them; a smaller sample is a seeded
+    subsample (it saw fewer rows: its errors differ, the maxima do not) and takes one pass."""
+    qmodel, data = _test_model(model_name)
+    streamed, maxima = local_mse_scales(qmodel, data, grid=30)
+    captured, _ = local_mse_scales(qmodel, data, grid=30, samples=2**20)
+    assert torch.equal(captured, streamed)
+    calls = [0]
+    forward = data.forward
+    data.forward = lambda m, b: calls.__setitem__(0, calls[0] + 1) or forward(m, b)
+    small, small_maxima = local_mse_scales(qmodel, data, grid=30, samples=64, seed=1)
+    assert calls[0] == len(data.batches) and torch.equal(small_maxima, maxima)
+    assert torch.equal(small, local_mse_scales(qmodel, data, grid=30, samples=64, seed=1)[0])
 
 
 def test_local_step_does_not_change_model(transformer_setup):

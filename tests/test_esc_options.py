@@ -1,10 +1,12 @@
-"""ESC search options: the local step alone (generations=0) and monitoring the search mean."""
+"""ESC search options: the local step alone (generations=0), monitoring the search mean, resuming, the cheaper
+local step and automatic population batching."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from esc.calibrators.esc import ESCCalibrator, local_mse_scales
+from esc.quant.quantizer import QuantizationError
 from esc.quant.model import QuantSpec, quantize_model
 
 from models import TinyTransformer, classification_data
@@ -78,3 +80,20 @@ def test_killed_search_resumes_and_ends_as_an_uninterrupted_run(tmp_path, monkey
     assert {k: v for k, v in resumed.history.items()} == expected.history
     assert evaluated[0] == 1 + 3 + 1  # local start, generations 5-7 live, the final mean: no replayed generation evaluated
     assert not state.exists()  # removed once the search ended
+
+
+def test_cheap_local_step_and_auto_batch_options():
+    """``local_search``/``local_samples`` reach the local step (and its pass count); ``max_batch="auto"`` leaves the
+    search exactly as it is with the whole population batched (bit-identical fitness on this model) and records
+    its choice."""
+    model, data = _setup()
+    cheap = quantize_model(model, **W4A4)
+    result = ESCCalibrator(generations=0, progress=False, local_search="coarse_fine", local_samples=2**20).calibrate(cheap, data)
+    expected, _ = local_mse_scales(quantize_model(model, **W4A4), data, search="coarse_fine", samples=2**20)
+    assert torch.equal(cheap.activation_scales(), expected)
+    assert result.forward_passes == 1 + 1  # the one local pass (rows kept in the max pass) + the local fitness
+    plain = ESCCalibrator(generations=3, progress=False, seed=2).calibrate(quantize_model(model, **W4A4), data).history
+    auto = ESCCalibrator(generations=3, progress=False, seed=2, max_batch="auto").calibrate(quantize_model(model, **W4A4), data).history
+    assert auto.pop("population_chunk")[0] in (1.0, 2.0, 4.0) and auto == plain  # popsize 11: probe chunks 1, 2, 4, 4
+    with pytest.raises(QuantizationError, match="local_search"):
+        ESCCalibrator(local_search="bisect")

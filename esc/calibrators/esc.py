@@ -50,8 +50,11 @@ def _candidate_diffs(x: torch.Tensor, scales: torch.Tensor, qmin: int, qmax: int
     return q.sub_(x)
 
 
+LOCAL_SEARCHES = ("exhaustive", "coarse_fine")
+
+
 class _LocalErrors:
-    """Accumulates, for one quantizer, the summed squared layer-output error of every grid candidate.
+    """Accumulates, for one quantizer, the summed squared layer-output error of each candidate scale in ``scales``.
 
     ``layer(diff)`` maps the input error ``fake_quant(x) - x`` (``[G, *x.shape]``) to the output
     error of the layer (the layer is linear in the quantized operand, bias excluded), so
@@ -60,10 +63,10 @@ class _LocalErrors:
     fewer elements; see :func:`_input_layer`).
     """
 
-    def __init__(self, quantizer: UniformQuantizer, clips: torch.Tensor, max_elements: int) -> None:
+    def __init__(self, quantizer: UniformQuantizer, scales: torch.Tensor, max_elements: int) -> None:
         self.quantizer = quantizer
-        self.scales = (clips / quantizer.qmax).float()
-        self.sse = torch.zeros(len(clips), dtype=torch.float64)
+        self.scales = scales
+        self.sse = torch.zeros(len(scales), dtype=torch.float64)
         self.count = 0
         self.max_elements = max_elements
 
@@ -85,13 +88,56 @@ class _LocalErrors:
             self.sse[start:start + n] += torch.linalg.vector_norm(err.reshape(n, -1), dim=1).double().square().cpu()
             start += n
 
-    def best_scale(self) -> torch.Tensor:
-        """The candidate scale with the smallest MSE (the smallest such scale on ties)."""
-        return self.scales[int(torch.argmin(self.sse))]
-
     def mse(self) -> torch.Tensor:
         """Mean squared layer-output error of every candidate ``[G]`` (float64)."""
         return self.sse / max(self.count, 1)
+
+
+class _RowSample:
+    """A seeded uniform sample, without replacement, of at most ``k`` rows of a stream of tensors.
+
+    :meth:`add` offers the rows (dim 0) of tensors that share dim 0 and are kept or dropped together
+    (the two operands of a matmul). Bottom-k sampling: every offered row gets an i.i.d. uniform
+    float64 key from a CPU ``torch.Generator`` seeded with ``seed``, and the ``k`` rows with the
+    smallest keys are kept (copies, in stream order), so the sample is deterministic for a seed and
+    batch order and does not depend on the device. ``k`` is set by the first batch:
+    ``max(1, samples // numel(one row of tensors[0]))``, i.e. at most ``samples`` elements of the
+    first tensor, and at least one row.
+    """
+
+    def __init__(self, samples: int, seed: int) -> None:
+        self.samples = samples
+        self.gen = torch.Generator().manual_seed(seed)
+        self.k: Optional[int] = None
+        self.threshold = math.inf  # a row whose key is not below it cannot enter the sample
+        self.keys: list[torch.Tensor] = []
+        self.rows: list[tuple[torch.Tensor, ...]] = []
+
+    def add(self, *tensors: torch.Tensor) -> None:
+        n = tensors[0].shape[0]
+        if n == 0:
+            return
+        if self.k is None:
+            self.k = max(1, self.samples // max(1, tensors[0][0].numel()))
+        keys = torch.rand(n, generator=self.gen, dtype=torch.float64)
+        idx = torch.nonzero(keys < self.threshold).squeeze(1)
+        if len(idx) == 0:
+            return
+        self.keys.append(keys[idx])
+        self.rows.append(tuple(t.detach().float().index_select(0, idx.to(t.device)) for t in tensors))
+        if sum(len(k) for k in self.keys) >= self.k:
+            kth = torch.cat(self.keys).kthvalue(self.k).values
+            chunks = [(k <= kth, k, rows) for k, rows in zip(self.keys, self.rows)]
+            self.keys = [k[m] for m, k, _ in chunks if m.any()]
+            self.rows = [tuple(t[m.to(t.device)] for t in rows) for m, _, rows in chunks if m.any()]
+            self.threshold = float(kth)
+
+    def groups(self) -> list[tuple[torch.Tensor, ...]]:
+        """The kept rows, concatenated in stream order per row shape (one group unless the shapes vary)."""
+        by_shape: dict[tuple, list[tuple[torch.Tensor, ...]]] = {}
+        for rows in self.rows:
+            by_shape.setdefault(tuple(t.shape[1:] for t in rows), []).append(rows)
+        return [tuple(torch.cat(parts) for parts in zip(*chunks)) for chunks in by_shape.values()]
 
 
 def _owner_map(qmodel: QuantizedModel) -> dict[int, list[tuple[str, torch.nn.Module]]]:
@@ -156,8 +202,155 @@ def _input_layer(modules: list[torch.nn.Module]) -> Callable[[torch.Tensor], tor
     return conv
 
 
+def _sample_rows(role: str, module: object, x: torch.Tensor) -> torch.Tensor:
+    """The independent rows of a quantizer's FP input for :class:`_RowSample`: tokens ``[-1, in]`` for
+    Linear inputs and for tensor-MSE quantizers (the last dim), samples (dim 0) for Conv inputs."""
+    if role == "input" and not isinstance(module[0], QuantLinear):
+        return x
+    return x.reshape(-1, x.shape[-1]) if x.dim() else x.reshape(1, 1)
+
+
+def _matmul_rows(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Matmul operands ``[..., M, K]`` and ``[..., K, N]`` as ``[L, M, K]`` and ``[L, K, N]`` (leading dims
+    broadcast and flattened): row ``l`` of the product depends on row ``l`` of each operand only."""
+    if a.dim() < 2 or b.dim() < 2:
+        raise QuantizationError("local step: a row sample of matmul operands needs operands with >= 2 dims; "
+                                "use local_samples=None")
+    lead = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    return (a.expand(*lead, *a.shape[-2:]).reshape(-1, *a.shape[-2:]),
+            b.expand(*lead, *b.shape[-2:]).reshape(-1, *b.shape[-2:]))
+
+
+def _error_operand(role: str, layer: Optional[Callable], tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, Optional[Callable]]:
+    """``(x, map)`` for :meth:`_LocalErrors.add`: the quantized operand and the linear map of its error
+    (``tensors``: the quantizer's input, or a matmul's two operands)."""
+    if role == "matmul_a":
+        a, b = tensors
+        return a, lambda d: torch.matmul(d, b)
+    if role == "matmul_b":
+        a, b = tensors
+        return b, lambda d: torch.matmul(a, d)
+    return tensors[0], layer
+
+
+class _LocalObjective:
+    """The local step's objective, the per-quantizer layer-output error of candidate scales (see
+    :func:`local_mse_scales` for its definition).
+
+    Construction runs one pass over the calibration set (all activation quantizers off) that
+    records ``maxima`` (``max |x|`` of every quantizer's FP input) and, with ``samples`` set, a
+    :class:`_RowSample` of at most ``samples`` elements of what each quantizer's error needs (its
+    input; both operands of a matmul, one sample per matmul). :meth:`sse` then sums the errors of
+    candidate scales: with ``samples=None`` in one more pass over the whole calibration set, with
+    ``samples`` on the kept rows (no forward pass). Computed once and shared by every call: the
+    maxima, the row samples and each consumer layer's error map (its quantized weight, QR-reduced).
+    """
+
+    def __init__(self, qmodel: QuantizedModel, data: CalibrationData, samples: Optional[int] = None, seed: int = 0,
+                 max_elements: int = 2**22) -> None:
+        self.data, self.max_elements = data, max_elements
+        self.quantizers = qmodel.activation_quantizers
+        self.names = list(self.quantizers)
+        self._qmodel = qmodel
+        owners = _owner_map(qmodel)
+        self.roles = {name: _layer_role(owners.get(id(q), [])) for name, q in self.quantizers.items()}
+        self.layers = {name: _input_layer(module) for name, (role, module) in self.roles.items() if role == "input"}
+        self.maxima = {name: torch.zeros((), dtype=torch.float32) for name in self.names}
+        seen = {name: 0 for name in self.names}
+        samplers = {} if samples is None else {self._key(name): _RowSample(samples, seed) for name in self.names}
+
+        def observer(name: str) -> Callable[[torch.Tensor], None]:
+            role, module = self.roles[name]
+            sampler = None if role.startswith("matmul") else samplers.get(name)
+
+            def observe(x: torch.Tensor) -> None:
+                check_finite(x, name)
+                seen[name] += x.numel()
+                if x.numel():
+                    self.maxima[name] = torch.maximum(self.maxima[name], x.abs().max().float().cpu())
+                if sampler is not None:
+                    sampler.add(_sample_rows(role, module, x))
+            return observe
+
+        matmuls = {id(m): m for role, m in self.roles.values() if role.startswith("matmul")} if samples is not None else {}
+        self._pass({name: observer(name) for name in self.names},
+                   [(m, lambda a, b, s=samplers[key]: s.add(*_matmul_rows(a, b))) for key, m in matmuls.items()])
+        for name in self.names:
+            if seen[name] == 0:
+                raise QuantizationError(f"quantizer {name!r} saw no activations on the calibration data; it is not on the "
+                                        "forward path of the calibration batches (skip it in the model config)")
+        self.captured = None if samples is None else {key: s.groups() for key, s in samplers.items()}
+
+    def _key(self, name: str) -> object:
+        """Whose row sample a quantizer's error uses: its own, or its matmul's (shared by both operands)."""
+        role, module = self.roles[name]
+        return id(module) if role.startswith("matmul") else name
+
+    def _pass(self, observers: dict[str, Callable], hooks: list[tuple[torch.nn.Module, Callable]]) -> None:
+        """One FP pass over the calibration set: ``observers[name](x)`` sees quantizer ``name``'s input,
+        ``fn(a, b)`` of each ``(matmul module, fn)`` in ``hooks`` its operands (float32, detached)."""
+        states = {name: q.enabled for name, q in self.quantizers.items()}
+
+        def pre_hook(fn: Callable) -> Callable:
+            return lambda module, args: fn(args[0].detach().float(), args[1].detach().float())
+        handles = [m.register_forward_pre_hook(pre_hook(fn)) for m, fn in hooks]
+        try:
+            for name, q in self.quantizers.items():
+                q.observer, q.enabled = observers.get(name), False
+            with torch.no_grad():
+                for batch in self.data.batches:
+                    self.data.forward(self._qmodel, batch)
+        finally:
+            for h in handles:
+                h.remove()
+            for name, q in self.quantizers.items():
+                q.observer, q.enabled = None, states[name]
+
+    def sse(self, scales: dict[str, torch.Tensor]) -> dict[str, _LocalErrors]:
+        """The accumulated errors of the candidate scales ``scales[name]`` (``[G]`` float32) of each named
+        quantizer (names with no candidates are left out)."""
+        errors = {name: _LocalErrors(self.quantizers[name], s, self.max_elements) for name, s in scales.items() if len(s)}
+        if self.captured is not None:
+            for name, acc in errors.items():
+                for tensors in self.captured[self._key(name)]:
+                    acc.add(*_error_operand(self.roles[name][0], self.layers.get(name), tensors))
+            return errors
+        observers: dict[str, Callable] = {}
+        matmuls: dict[int, tuple[torch.nn.Module, list]] = {}
+        for name, acc in errors.items():
+            role, module = self.roles[name]
+            if role.startswith("matmul"):
+                matmuls.setdefault(id(module), (module, []))[1].append((role, acc))
+            else:
+                observers[name] = (lambda acc, layer: lambda x: acc.add(x, layer))(acc, self.layers.get(name))
+
+        def matmul_fn(entries: list) -> Callable:
+            def fn(a: torch.Tensor, b: torch.Tensor) -> None:
+                for role, acc in entries:
+                    acc.add(*_error_operand(role, None, (a, b)))
+            return fn
+        if errors:
+            self._pass(observers, [(m, matmul_fn(entries)) for m, entries in matmuls.values()])
+        return errors
+
+
+def local_coarse_indices(grid: int, stride: int) -> torch.Tensor:
+    """The coarse candidates of ``local_search="coarse_fine"``: grid indices ``0, stride, 2 stride, ...`` and
+    ``grid - 1`` (the observed max), ascending."""
+    if stride < 1:
+        raise QuantizationError(f"local step: local_stride={stride} must be >= 1")
+    return torch.tensor(sorted(set(range(0, grid, stride)) | {grid - 1}))
+
+
+def local_passes(search: str = "exhaustive", samples: Optional[int] = None) -> int:
+    """Passes over the calibration set :func:`local_mse_scales` makes: 1 with a row sample (``samples``),
+    else 2 (``exhaustive``: max, errors) or 3 (``coarse_fine``: max, coarse errors, fine errors)."""
+    return 1 if samples is not None else (2 if search == "exhaustive" else 3)
+
+
 def local_mse_scales(qmodel: QuantizedModel, data: CalibrationData, grid: int = 100, min_fraction: float = 1e-3,
-                     max_elements: int = 2**22) -> tuple[torch.Tensor, torch.Tensor]:
+                     max_elements: int = 2**22, search: str = "exhaustive", stride: int = 10, refine: int = 2,
+                     samples: Optional[int] = None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """ESC's local step: per-quantizer grid search of the scale minimising its layer's output MSE.
 
     For activation quantizer ``i`` with observed max ``m_i = max |x|`` over the calibration set, the
@@ -169,79 +362,67 @@ def local_mse_scales(qmodel: QuantizedModel, data: CalibrationData, grid: int = 
     shared by several Linear inputs, e.g. Q/K/V projections, goes through their stacked weights),
     the identity for LayerNorm input and output quantizers (tensor MSE), ``a @ b`` with the other
     operand in float for MatMul operand quantizers, and the identity for quantizers of any other module.
+    Ties go to the smallest scale.
 
-    Two passes over the calibration set: one for the maxima, one accumulating the errors of all
-    candidates at once (``max_elements`` bounds the candidate chunk size in elements).
+    ``search`` says which grid candidates are evaluated:
+
+    * ``"exhaustive"`` (default): all ``grid`` of them.
+    * ``"coarse_fine"``: the coarse indices of :func:`local_coarse_indices` (every ``stride``-th and
+      the last; 11 of 100 at ``stride=10``), then every index strictly between the two coarse
+      neighbours of the coarse optimum (at most ``2 (stride - 1)`` more); the chosen scale is the
+      best of all evaluated (at most 29 of 100 candidates at the defaults). It equals the exhaustive
+      choice whenever the error over the grid falls, then rises (one minimum, no plateaus).
+
+    ``samples`` (``None``: all of the calibration set): evaluate the errors on a seeded uniform row
+    sample (:class:`_RowSample`, ``seed``) of at most ``samples`` elements per quantizer, kept
+    during the max pass, so there is no further forward pass; rows are tokens for Linear inputs
+    and tensor-MSE quantizers, samples for Conv inputs and leading (batch, head) indices for matmul
+    operands (both operands kept together). The maxima, hence the candidate grid, are always exact.
+
+    Passes over the calibration set: :func:`local_passes`. ``max_elements`` bounds the candidate
+    chunk size in elements.
 
     Returns ``(scales [N], max_abs [N])`` in ``qmodel.activation_quantizers`` order; the model's
     scales are not changed. A quantizer that only saw zeros gets scale 1.
     """
-    quantizers = qmodel.activation_quantizers
-    names = list(quantizers)
-    maxima = {name: torch.zeros((), dtype=torch.float32) for name in names}
-    seen = {name: 0 for name in names}
-    states = {name: q.enabled for name, q in quantizers.items()}
-    owners = _owner_map(qmodel)
+    if search not in LOCAL_SEARCHES:
+        raise QuantizationError(f"local step: unknown local_search {search!r}; use one of {LOCAL_SEARCHES}")
+    if samples is not None and samples < 1:
+        raise QuantizationError(f"local step: local_samples={samples} must be >= 1 (or None for all rows)")
     fractions = local_grid_fractions(grid, min_fraction)
+    indices = torch.arange(grid) if search == "exhaustive" else local_coarse_indices(grid, stride)
+    objective = _LocalObjective(qmodel, data, samples, seed, max_elements)
+    names = objective.names
+    candidates = {n: (fractions * objective.maxima[n].double() / objective.quantizers[n].qmax).float()
+                  for n in names if objective.maxima[n] > 0}
+    errors = objective.sse({n: s[indices] for n, s in candidates.items()})
+    evaluated = {n: (indices, acc.sse) for n, acc in errors.items()}
+    if search == "coarse_fine":
+        fine = {}
+        for n, (idx, sse) in evaluated.items():
+            brackets = set()
+            for j in torch.argsort(sse, stable=True)[:refine].tolist():
+                brackets.update(range(int(idx[max(j - 1, 0)]) + 1, int(idx[min(j + 1, len(idx) - 1)])))
+            fine[n] = torch.tensor(sorted(brackets - set(idx.tolist())), dtype=torch.long)
+        for n, acc in objective.sse({n: candidates[n][f] for n, f in fine.items()}).items():
+            idx, order = torch.sort(torch.cat([indices, fine[n]]))
+            evaluated[n] = (idx, torch.cat([evaluated[n][1], acc.sse])[order])
+    scales = [candidates[n][evaluated[n][0][int(torch.argmin(evaluated[n][1]))]] if n in evaluated else torch.tensor(1.0)
+              for n in names]
+    return torch.stack(scales).float(), torch.stack([objective.maxima[n] for n in names])
 
-    def run(observers: dict[str, Callable], hooks: list) -> None:
-        handles = [m.register_forward_pre_hook(h) for m, h in hooks]
-        try:
-            for name, q in quantizers.items():
-                q.observer, q.enabled = observers.get(name), False
-            with torch.no_grad():
-                for batch in data.batches:
-                    data.forward(qmodel, batch)
-        finally:
-            for h in handles:
-                h.remove()
-            for name, q in quantizers.items():
-                q.observer, q.enabled = None, states[name]
 
-    # pass 1: max |x| of every quantizer's FP input
-    def max_observer(name: str) -> Callable[[torch.Tensor], None]:
-        def observe(x: torch.Tensor) -> None:
-            check_finite(x, name)
-            seen[name] += x.numel()
-            if x.numel():
-                maxima[name] = torch.maximum(maxima[name], x.abs().max().float().cpu())
-        return observe
-
-    run({name: max_observer(name) for name in names}, [])
-    for name in names:
-        if seen[name] == 0:
-            raise QuantizationError(f"quantizer {name!r} saw no activations on the calibration data; it is not on the "
-                                    "forward path of the calibration batches (skip it in the model config)")
-
-    # pass 2: output errors of all grid candidates
-    errors = {name: _LocalErrors(quantizers[name], fractions * maxima[name].double(), max_elements) for name in names}
-    observers: dict[str, Callable] = {}
-    matmul_hooks: dict[int, tuple[torch.nn.Module, list]] = {}
-    for name in names:
-        role, module = _layer_role(owners.get(id(quantizers[name]), []))
-        acc = errors[name]
-        if role == "input":
-            observers[name] = (lambda acc, layer: lambda x: acc.add(x, layer))(acc, _input_layer(module))
-        elif role == "tensor":
-            observers[name] = (lambda acc: lambda x: acc.add(x, None))(acc)
-        else:
-            matmul_hooks.setdefault(id(module), (module, []))[1].append((role, acc))
-
-    def matmul_hook(entries: list) -> Callable:
-        def hook(module, args):
-            a, b = args[0].detach().float(), args[1].detach().float()
-            for role, acc in entries:
-                if role == "matmul_a":
-                    acc.add(a, lambda d: torch.matmul(d, b))
-                else:
-                    acc.add(b, lambda d: torch.matmul(a, d))
-        return hook
-
-    run(observers, [(m, matmul_hook(entries)) for m, entries in matmul_hooks.values()])
-    scales = []
-    for name in names:
-        scales.append(errors[name].best_scale() if maxima[name] > 0 else torch.tensor(1.0))
-    return torch.stack(scales).float(), torch.stack([maxima[n] for n in names])
+def local_output_mse(qmodel: QuantizedModel, data: CalibrationData, scales: torch.Tensor,
+                     max_elements: int = 2**22) -> torch.Tensor:
+    """The local step's objective on the whole calibration set for given scales: ``[N, C]`` float64, the
+    mean squared layer-output error (as defined in :func:`local_mse_scales`) of quantizer ``i`` with
+    scale ``scales[i, c]`` (``scales``: ``[N, C]``, ``C >= 1``, ``qmodel.activation_quantizers``
+    order). Two passes over the calibration set."""
+    objective = _LocalObjective(qmodel, data, max_elements=max_elements)
+    if scales.dim() != 2 or scales.shape[0] != len(objective.names) or scales.shape[1] < 1:
+        raise QuantizationError(f"local_output_mse: scales have shape {tuple(scales.shape)}; expected [{len(objective.names)}, C>=1]")
+    errors = objective.sse({n: scales[i].float() for i, n in enumerate(objective.names)})
+    return torch.stack([errors[n].mse() for n in objective.names])
 
 
 # ----------------------------------------------------------------------------------- calibrator
@@ -258,6 +439,12 @@ class ESCCalibrator(Calibrator):
        for MatMul operand quantizers. Grid: ``local_grid`` geometric fractions of the observed
        ``max |x|`` from ``local_min_fraction`` to 1 (clip ``c = f * max|x|``, ``s = c / qmax``).
        Two passes over the calibration set (max, then errors of all candidates batched).
+       Cheaper options (not the default, so existing results stay reproducible; see
+       :func:`local_mse_scales`): ``local_search="coarse_fine"`` evaluates every ``local_stride``-th
+       grid candidate, then the grid between the coarse neighbours of the ``local_refine`` best
+       (at most 47 of 100 candidates at the defaults 10 and 2), and ``local_samples`` evaluates
+       the errors on a seeded (``seed``) row sample of at most that many elements per quantizer,
+       kept in the max pass (one pass over the calibration set in all).
        ``init="tensor_mse"`` starts instead from the :class:`~esc.calibrators.mse.MSECalibrator`
        scales (MSE of the quantized activation tensor itself, its default grid), for comparison.
     2. **Global step**: CMA-ES over ``theta`` in ``R^N`` (``N`` = number of activation quantizers)
@@ -276,7 +463,10 @@ class ESCCalibrator(Calibrator):
        per candidate, same values); ``fitness="task"``: mean per-sample task loss; ``"kl"``: mean
        ``KL(softmax FP logits || softmax quantized logits)`` over the last dim; ``"mse"``: MSE to
        the FP outputs. FP outputs (every quantizer off) are computed once and cached.
-       ``max_batch`` bounds the samples per forward by splitting the population into chunks.
+       ``max_batch`` bounds the samples per forward by splitting the population into chunks;
+       ``max_batch="auto"`` times chunk sizes on the first generation and keeps the fastest per
+       candidate, never slower than one by one on that probe (``history["population_chunk"]``;
+       see :class:`~esc.calibrators.fitness.FitnessEvaluator`).
     4. **Result**: ``final="mean"``: the mean of the final search distribution (the paper);
        ``"best"``: the best sample seen in any generation. **Guard**: if the result's fitness is
        worse than the local start's, the local scales are kept (and a warning is logged).
@@ -291,9 +481,12 @@ class ESCCalibrator(Calibrator):
     ``CalibrationResult.history``: ``best`` and ``mean`` population fitness and ``sigma`` per
     generation (length ``generations``), ``local_fitness``, ``search_fitness`` (fitness of the
     search result before the guard), ``final_fitness`` (of the scales set) and ``kept_local``
-    (1.0 if the guard fired), each a one-element list. ``forward_passes`` counts full passes over
-    the calibration set: 2 (local step) + 1 (FP reference, kl/mse only) + one per evaluated
-    candidate (a batched pass of ``P`` candidates counts ``P``). Deterministic under ``seed``.
+    (1.0 if the guard fired), each a one-element list; with ``max_batch="auto"`` also
+    ``population_chunk`` (the chosen candidates per forward). ``forward_passes`` counts full passes
+    over the calibration set: the local step's (:func:`local_passes`: 2 by default, 1 with
+    ``local_samples``, 3 for ``coarse_fine`` without) + 1 (FP reference, kl/mse only) + one per
+    evaluated candidate (a batched pass of ``P`` candidates counts ``P``). Deterministic under
+    ``seed`` (with ``max_batch="auto"``, see its caveat on batch-size-dependent rounding).
 
     **Interruption**: with ``state_path`` set (the runner sets it next to the calibration cache),
     the local scales and every generation's population fitness are saved there (after the local
@@ -313,10 +506,11 @@ class ESCCalibrator(Calibrator):
     def __init__(self, generations: int = 100, popsize: Optional[int] = None, sigma0: float = 0.1,
                  fitness: str = "task", final: str = "mean", backend: str = "evotorch", separable: bool = False,
                  local_grid: int = 100, local_min_fraction: float = 1e-3, batched: bool = True, seed: int = 0,
-                 num_actors: Optional[int | str] = None, max_batch: Optional[int] = None, theta_bound: float = 10.0,
+                 num_actors: Optional[int | str] = None, max_batch: Optional[int | str] = None, theta_bound: float = 10.0,
                  local_max_elements: int = 2**22, progress: bool = True, monitor_every: int = 0,
                  monitor: Optional[Callable[[], float]] = None, init: str = "output_mse",
-                 state_path: Optional[str | Path] = None, save_every: int = 10) -> None:
+                 state_path: Optional[str | Path] = None, save_every: int = 10, local_search: str = "exhaustive",
+                 local_stride: int = 10, local_refine: int = 2, local_samples: Optional[int] = None) -> None:
         if fitness not in FITNESS_KINDS:
             raise QuantizationError(f"ESC: unknown fitness {fitness!r}; use one of {FITNESS_KINDS}")
         if final not in FINALS:
@@ -331,6 +525,10 @@ class ESCCalibrator(Calibrator):
             raise QuantizationError(f"ESC: popsize={popsize} must be >= 2 (or None for the CMA-ES default)")
         if sigma0 <= 0:
             raise QuantizationError(f"ESC: sigma0={sigma0} must be > 0")
+        if local_search not in LOCAL_SEARCHES:
+            raise QuantizationError(f"ESC: unknown local_search {local_search!r}; use one of {LOCAL_SEARCHES}")
+        self.local_search, self.local_stride, self.local_refine = local_search, int(local_stride), int(local_refine)
+        self.local_samples = None if local_samples is None else int(local_samples)
         self.generations, self.popsize, self.sigma0 = generations, popsize, sigma0
         self.fitness, self.final, self.backend, self.separable = fitness, final, backend, separable
         self.local_grid, self.local_min_fraction = local_grid, local_min_fraction
@@ -367,7 +565,8 @@ class ESCCalibrator(Calibrator):
         if self.init == "tensor_mse":
             MSECalibrator().calibrate(qmodel, data)
             return qmodel.activation_scales().float()
-        return local_mse_scales(qmodel, data, self.local_grid, self.local_min_fraction, self.local_max_elements)[0]
+        return local_mse_scales(qmodel, data, self.local_grid, self.local_min_fraction, self.local_max_elements,
+                                self.local_search, self.local_stride, self.local_refine, self.local_samples, self.seed)[0]
 
     def _scales(self, s_local: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
         if isinstance(theta, torch.Tensor) and type(theta) is not torch.Tensor:
@@ -446,9 +645,12 @@ class ESCCalibrator(Calibrator):
                             search_overhead=seconds - t_local - evaluator.seconds)
         remote = popsize * len(history["best"]) if self.remote else 0  # counted by the actors' evaluator copies
         remote += popsize * len(saved["fitness"]) if saved else 0  # evaluated before the interruption
-        passes = 2 + (1 if evaluator.reference is not None else 0) + evaluator.evaluations + remote
+        local = local_passes(self.local_search, self.local_samples) if self.init == "output_mse" else 2
+        passes = local + (1 if evaluator.reference is not None else 0) + evaluator.evaluations + remote
         history.update(local_fitness=[local_fit], search_fitness=[search_fit], final_fitness=[final_fit],
                        kept_local=[float(kept_local)])
+        if evaluator.chunk is not None:
+            history["population_chunk"] = [float(evaluator.chunk)]
         log.info("ESC: fitness %.6g -> %.6g in %.1fs (%d candidate evaluations)", local_fit, final_fit, seconds,
                  evaluator.evaluations)
         return CalibrationResult(seconds=seconds, forward_passes=passes, history=history)
@@ -462,9 +664,15 @@ class ESCCalibrator(Calibrator):
                          "settings": self._state_settings()}, self.state_path)
 
     def _state_settings(self) -> dict:
-        return {"generations": self.generations, "popsize": self.popsize, "sigma0": self.sigma0, "fitness": self.fitness,
-                "backend": self.backend, "separable": self.separable, "seed": self.seed, "init": self.init,
-                "local_grid": self.local_grid, "local_min_fraction": self.local_min_fraction}
+        """What a saved search state must match; the cheaper local-step options count only when set, so
+        that states saved before they existed stay valid."""
+        settings = {"generations": self.generations, "popsize": self.popsize, "sigma0": self.sigma0, "fitness": self.fitness,
+                    "backend": self.backend, "separable": self.separable, "seed": self.seed, "init": self.init,
+                    "local_grid": self.local_grid, "local_min_fraction": self.local_min_fraction}
+        if self.local_search != "exhaustive" or self.local_samples is not None:
+            settings.update(local_search=self.local_search, local_stride=self.local_stride, local_refine=self.local_refine,
+                            local_samples=self.local_samples)
+        return settings
 
     def _load_state(self, n: int) -> Optional[dict]:
         """The saved search state of an interrupted run with these settings, or ``None``.

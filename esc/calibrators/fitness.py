@@ -18,12 +18,15 @@ i.e. the float model; they are computed once per :class:`FitnessEvaluator` and c
 pass over the calibration set (each batch repeated ``P`` times along dim 0 and the quantizers
 holding ``[P]`` scales; see :mod:`esc.quant.quantizer`) or candidate by candidate
 (``batched=False``, for models that cannot batch); both give the same values up to float rounding.
+``max_batch`` splits the population into chunks of candidates, one forward per chunk and
+calibration batch; ``max_batch="auto"`` picks the chunk size by timing the first population
+(:func:`probe_chunks`, :func:`choose_chunk`).
 """
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +38,29 @@ from esc.quant.quantizer import QuantizationError
 log = logging.getLogger(__name__)
 
 FITNESS_KINDS = ("task", "kl", "mse")
+AUTO = "auto"
+
+
+def probe_chunks(pop: int) -> list[int]:
+    """How ``max_batch="auto"`` splits its first population of ``pop`` candidates: consecutive chunks of
+    ``1, 2, 4, ...`` candidates, each capped by the candidates left (15 -> 1, 2, 4, 8; 6 -> 1, 2, 3)."""
+    sizes, size = [], 1
+    while sum(sizes) < pop:
+        sizes.append(min(size, pop - sum(sizes)))
+        size *= 2
+    return sizes
+
+
+def choose_chunk(measured: dict[int, tuple[float, int]]) -> int:
+    """The chunk size (candidates per forward) with the least measured seconds per candidate.
+
+    ``measured[c] = (seconds, candidates)`` summed over the chunks of size ``c`` that were timed;
+    ties go to the smaller size. It must hold ``c = 1`` (as :func:`probe_chunks` always does), so
+    the choice is never slower per candidate than one by one on the measured probe.
+    """
+    if 1 not in measured:
+        raise QuantizationError("choose_chunk: the probe must time one-by-one evaluation (chunk size 1)")
+    return min(measured, key=lambda c: (measured[c][0] / measured[c][1], c))
 
 
 def _as_tensor(outputs: Any, kind: str) -> torch.Tensor:
@@ -77,6 +103,14 @@ class FitnessEvaluator:
         max_batch: largest number of samples in one forward (population chunk size times
             calibration batch size); the population is split into chunks to respect it
             (``None``: no limit, the whole population in one forward per calibration batch).
+            ``"auto"``: the first call with ``P >= 2`` candidates is the probe: it evaluates them in
+            the consecutive chunks of :func:`probe_chunks` (one by one first), timing each chunk's
+            forwards (not the one-off repeat of the calibration batches), and every later call uses
+            the chunk size of :func:`choose_chunk` (``chunk``). The fitness of a candidate is what a
+            fixed chunk size gives; kernels whose rounding depends on the batch size (e.g. CPU
+            Conv2d) make that differ from one by one in the last bits, so results then depend on
+            the chosen size (recorded in ``chunk``).
+        clock: the timer of the ``"auto"`` probe (tests inject fake timings).
 
     Attributes:
         evaluations: candidates evaluated so far (each one is a full pass over the calibration set).
@@ -84,19 +118,24 @@ class FitnessEvaluator:
         seconds: wall time spent in evaluations so far (excluding the reference pass).
         forward_seconds: the part of ``seconds`` spent inside ``data.forward`` (the bare forwards).
         scale_floor: smallest scale handed to the quantizers (guards against ``0`` scales).
+        chunk: with ``max_batch="auto"``, the chosen candidates per forward (``None`` until probed).
+        probe: with ``max_batch="auto"``, the probe's seconds per candidate for each chunk size.
     """
 
     def __init__(self, qmodel: QuantizedModel, data: CalibrationData, kind: str = "task",
-                 batched: bool = True, max_batch: Optional[int] = None) -> None:
+                 batched: bool = True, max_batch: Optional[Union[int, str]] = None,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
         if kind not in FITNESS_KINDS:
             raise QuantizationError(f"unknown fitness {kind!r}; use one of {FITNESS_KINDS}")
         if kind == "task" and data.loss is None:
             raise QuantizationError("fitness='task' needs a per-sample task loss but CalibrationData.loss is None; "
                                     "give the task's loss or use fitness='kl' or 'mse'")
-        if max_batch is not None and max_batch < 1:
-            raise QuantizationError(f"max_batch={max_batch} must be >= 1 (or None for no limit)")
+        if max_batch != AUTO and max_batch is not None and (isinstance(max_batch, (bool, str)) or max_batch < 1):
+            raise QuantizationError(f"max_batch={max_batch!r} must be >= 1, None (no limit) or 'auto'")
         self.qmodel, self.data, self.kind = qmodel, data, kind
-        self.batched, self.max_batch = batched, max_batch
+        self.batched, self.max_batch, self.clock = batched, max_batch, clock
+        self.chunk: Optional[int] = None
+        self.probe: dict[int, float] = {}
         self.quantizers = list(qmodel.activation_quantizers.values())
         self.num_samples = data.num_samples
         self.evaluations = 0
@@ -166,6 +205,17 @@ class FitnessEvaluator:
         for i, q in enumerate(self.quantizers):
             q.set_scale(scales[..., i])
 
+    def _chunk(self, pop: int) -> int:
+        """Candidates per forward outside the probe: 1 unbatched, else by ``max_batch`` (``"auto"``: the
+        probe's choice; the whole population until a probe ran)."""
+        if not self.batched:
+            return 1
+        if self.max_batch == AUTO:
+            return self.chunk or pop
+        if self.max_batch is None:
+            return pop
+        return max(1, min(pop, self.max_batch // max(batch_size(b) for b in self.data.batches)))
+
     def __call__(self, scales: torch.Tensor) -> torch.Tensor:
         """Fitness ``[P]`` (float64) of candidate scale vectors ``scales`` (``[P, N]`` or ``[N]``)."""
         if isinstance(scales, torch.Tensor) and type(scales) is not torch.Tensor:
@@ -177,16 +227,26 @@ class FitnessEvaluator:
             raise QuantizationError(f"candidate scales have shape {tuple(scales.shape)}; expected [P, {len(self.quantizers)}] "
                                     "(one scale per activation quantizer)")
         pop = scales.shape[0]
-        if self.batched:
-            biggest = max(batch_size(b) for b in self.data.batches)
-            chunk = pop if self.max_batch is None else max(1, min(pop, self.max_batch // biggest))
-        else:
-            chunk = 1
+        probing = self.batched and self.max_batch == AUTO and self.chunk is None and pop > 1
+        sizes = probe_chunks(pop) if probing else [min(pop, self._chunk(pop))] * -(-pop // self._chunk(pop))
+        sizes[-1] = pop - sum(sizes[:-1])
         start_time = time.perf_counter()
         out = torch.empty(pop, dtype=torch.float64)
+        measured: dict[int, tuple[float, int]] = {}
+        start = 0
         with torch.no_grad():
-            for start in range(0, pop, chunk):
-                out[start:start + chunk] = self._run(scales[start:start + chunk])
+            for size in sizes:
+                self._batches(size)  # the repeated batches are built once, outside the probe's timing
+                t0 = self.clock()
+                out[start:start + size] = self._run(scales[start:start + size])
+                seconds, count = measured.get(size, (0.0, 0))
+                measured[size] = (seconds + self.clock() - t0, count + size)
+                start += size
+        if probing:
+            self.chunk = choose_chunk(measured)
+            self.probe = {c: t / n for c, (t, n) in sorted(measured.items())}
+            log.info("fitness: population chunks of %d candidates (probe, seconds per candidate: %s)", self.chunk,
+                     ", ".join(f"{c}: {t:.3g}" for c, t in self.probe.items()))
         self.evaluations += pop
         out /= self.num_samples
         self.seconds += time.perf_counter() - start_time
