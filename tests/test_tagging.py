@@ -7,6 +7,7 @@ import torch
 from sklearn.metrics import average_precision_score
 
 from esc.calibrators.base import repeat_batch
+from esc.core.files import RefusedFileError
 from esc.data import tagging as tg
 from esc.data.tagging import TaggingSpec, clip_classes, generate, load_or_generate, make_clip
 from esc.models.yamnet import build_yamnet_tiny
@@ -114,6 +115,10 @@ def test_cache_roundtrip(tmp_path):
     np.testing.assert_array_equal(first.waves, again.waves)
     assert again.classes == spec.classes
     assert TaggingSpec(num_clips=7).key() != TaggingSpec(num_clips=6).key()
+    data = files[0].read_bytes()
+    files[0].write_bytes(data[: len(data) // 2])  # a cache truncated by a crash or a full disk
+    with pytest.raises(RefusedFileError, match=rf"{files[0].name} is truncated or corrupt .*delete it"):
+        load_or_generate(spec, tmp_path, "test")
 
 
 def test_speech_clip():

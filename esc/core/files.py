@@ -11,8 +11,9 @@ import os
 import pickle
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch.torch_version import TorchVersion
 
@@ -58,3 +59,16 @@ def save_checkpoint(ckpt: dict, out: str | Path) -> Path:
     torch.save(ckpt, tmp)
     os.replace(tmp, out)
     return out
+
+
+def read_npz(path: str | Path, read: Callable[[Any], Any], rebuild: str) -> Any:
+    """``read(np.load(path))`` for an ``.npz`` cache (no pickles); a truncated or corrupt file, or one
+    missing an expected array, raises :class:`RefusedFileError` naming it and ``rebuild``."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return read(z)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # zipfile.BadZipFile, EOFError, KeyError, ValueError on damaged caches
+        raise RefusedFileError(f"{path} is truncated or corrupt ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no data'}); "
+                               f"{rebuild}") from None

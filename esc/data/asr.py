@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torchaudio
 
+from esc.core.files import read_npz
 from esc.data.audio import content_hash
 from esc.data.sentences import generate_sentences
 
@@ -130,9 +131,9 @@ def make_clips(n: int, seed: int, voice: str, rates: Sequence[float] = (0.85, 1.
     key = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
     path = Path(cache_dir) / f"{voice}_n{n}_s{seed}_{key}.npz" if cache_dir is not None else None
     if path is not None and path.is_file():
-        with np.load(path, allow_pickle=False) as z:
-            waves = np.split(z["audio"], z["offsets"][1:-1])
-            texts, voices, metas = list(z["texts"]), list(z["voices"]), json.loads(str(z["meta"]))
+        waves, texts, voices, metas = read_npz(
+            path, lambda z: (np.split(z["audio"], z["offsets"][1:-1]), list(z["texts"]), list(z["voices"]), json.loads(str(z["meta"]))),
+            "delete it to synthesise the clips again")
         return [Clip(w, str(t), str(v), m) for w, t, v, m in zip(waves, texts, voices, metas)]
     from tqdm import tqdm
 

@@ -47,6 +47,7 @@ import torch
 import torchaudio
 from tqdm import tqdm
 
+from esc.core.files import RefusedFileError
 from esc.data import espeak
 from esc.data.audio import content_hash
 
@@ -308,7 +309,7 @@ def load_kws(data_dir: str | Path, config: KWSConfig = KWSConfig(), generate: bo
                            meta["sha256"][s])
                for s in splits}
     except Exception as e:
-        raise ValueError(f"kws cache {path} is unreadable ({e}); delete it and rerun `python -m esc.data.kws`") from e
+        raise RefusedFileError(f"kws cache {path} is unreadable ({e}); delete it and rerun `python -m esc.data.kws`") from e
     return out
 
 

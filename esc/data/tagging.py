@@ -48,6 +48,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from esc.core.files import read_npz
 from esc.data.audio import content_hash
 
 log = logging.getLogger(__name__)
@@ -264,9 +265,9 @@ def load_or_generate(spec: TaggingSpec, cache_dir: str | Path = "data/tagging", 
     """The set for ``spec``, from ``<cache_dir>/<split>-<hash>.npz`` or synthesised and cached there."""
     path = Path(cache_dir) / f"{split}-{spec.key()}.npz"
     if path.is_file():
-        with np.load(path) as z:
-            classes = tuple(json.loads(str(z["classes"])))
-            return TaggingSet(z["waves"], z["labels"], classes, int(z["sample_rate"]), spec)
+        return read_npz(path, lambda z: TaggingSet(z["waves"], z["labels"], tuple(json.loads(str(z["classes"]))),
+                                                   int(z["sample_rate"]), spec),
+                        "delete it to synthesise the set again")
     log.info("synthesising %d tagging clips (%s, seed %d) -> %s", spec.num_clips, split, spec.seed, path)
     data = generate(spec)
     path.parent.mkdir(parents=True, exist_ok=True)

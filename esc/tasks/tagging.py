@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from esc.core.files import read_npz
 from esc.calibrators.base import CalibrationData
 from esc.data.tagging import CLASSES, DEFAULT_CLIP_SAMPLES, TaggingSpec, load_or_generate
 from esc.core.bundle import ModelBundle
@@ -188,8 +189,8 @@ class AudioTaggingTask(Task):
             digest.update(feats.numpy().tobytes())
         path = self.data_dir / f"fp32-{digest.hexdigest()[:16]}.npz"
         if self.cache_fp32 and path.is_file():
-            with np.load(path) as z:
-                return torch.from_numpy(z["test"]), torch.from_numpy(z["calibration"])
+            return read_npz(path, lambda z: (torch.from_numpy(z["test"]), torch.from_numpy(z["calibration"])),
+                            "delete it to recompute the FP32 scores")
         test, calib = self.predict(model, self.test_features), self.predict(model, self.calib_features)
         if self.cache_fp32:
             path.parent.mkdir(parents=True, exist_ok=True)
