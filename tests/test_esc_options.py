@@ -97,3 +97,10 @@ def test_cheap_local_step_and_auto_batch_options():
     assert auto.pop("population_chunk")[0] in (1.0, 2.0, 4.0) and auto == plain  # popsize 11: probe chunks 1, 2, 4, 4
     with pytest.raises(QuantizationError, match="local_search"):
         ESCCalibrator(local_search="bisect")
+
+
+def test_non_finite_fitness_at_the_start_is_named():
+    model, data = _setup()
+    bad = type(data)(data.batches, data.forward, loss=lambda out, batch: torch.full((out.shape[0],), float("nan")))
+    with pytest.raises(Exception, match="fitness of the local start is inf"):
+        ESCCalibrator(generations=2, progress=False).calibrate(quantize_model(model, **W4A4), bad)

@@ -592,6 +592,9 @@ class ESCCalibrator(Calibrator):
         popsize = self.popsize or self.default_popsize(n)
         evaluator = FitnessEvaluator(qmodel, data, self.fitness, self.batched, self.max_batch)
         local_fit = float(evaluator(s_local)[0])
+        if not math.isfinite(local_fit):  # a NaN candidate scores inf (CMA-ES discards it), but not the start
+            raise QuantizationError(f"ESC: the {self.fitness} fitness of the local start is {local_fit} on the calibration "
+                                    "data; check that the FP32 model's outputs and the task loss are finite there")
         fitness_log: list[torch.Tensor] = []  # every generation's population fitness: the search state (see _load_state)
         replay = list(saved["fitness"]) if saved else []
         self._save_state(s_local, t_local, fitness_log)

@@ -250,4 +250,7 @@ class FitnessEvaluator:
         self.evaluations += pop
         out /= self.num_samples
         self.seconds += time.perf_counter() - start_time
+        if torch.isnan(out).any():
+            log.warning("fitness: %d of %d candidates gave NaN (scored inf, so the search discards them)",
+                        int(torch.isnan(out).sum()), pop)
         return torch.nan_to_num(out, nan=float("inf"))
