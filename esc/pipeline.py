@@ -285,6 +285,7 @@ def execute(cfg: DictConfig, axes: dict[str, Any]) -> dict[str, Any]:
                            "n_act_quantizers": 0, "n_weight_quantizers": 0, "calib_samples": 0, "history": {}, "quantizers": [],
                            "stage_seconds": timer.seconds}
     row["revisions"] = {**bundle.revisions, **task.revisions}  # hub commits of the model and data sets (empty offline)
+    row["skipped_files"] = list(task.skipped_files)  # undecodable files left out (task.skip_bad_files)
     if cfg.precision.weight is None and cfg.precision.activation is None:
         return {**row, "metrics": fp, "task_obj": task}
 

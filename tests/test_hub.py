@@ -294,8 +294,11 @@ def test_corrupt_audio_names_row_and_file(local_sets, tmp_path):
     rows = [{"audio": {"bytes": wav_bytes(noise(1600, 0), 16000), "path": "ok.wav"}, "text": "OK"},
             {"audio": {"bytes": b"RIFF not really a wave", "path": "broken.wav"}, "text": "BAD"}]
     path = write_parquet(tmp_path / "bad.parquet", rows)
-    with pytest.raises(AudioLoadError, match=r"row 1 \(broken\.wav\)"):
+    with pytest.raises(AudioLoadError, match=r"row 1 \(broken\.wav\).*skip_bad_files=true"):
         hubdata.load_librispeech(str(path), progress=False, cache_dir=str(local_sets["cache"]))
+    skipped: list[str] = []  # skip_bad_files: the bad row is left out, named, and counted
+    clips = hubdata.load_librispeech(str(path), progress=False, cache_dir=str(local_sets["cache"]), skipped=skipped)
+    assert [c.text for c in clips] == ["OK"] and len(skipped) == 1 and "broken.wav" in skipped[0]
     with pytest.raises(AudioLoadError, match="missing.wav"):
         hubdata.decode_audio({"bytes": None, "path": str(tmp_path / "missing.wav")}, where="row 7")
 

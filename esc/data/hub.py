@@ -291,10 +291,21 @@ def fit_length(wave: np.ndarray, num_samples: int) -> np.ndarray:
     return np.pad(wave, (0, num_samples - len(wave)))
 
 
-def _decode_rows(ds, idx: np.ndarray, audio_column: str, source: str, sample_rate: int, progress: bool):
+def _decode_rows(ds, idx: np.ndarray, audio_column: str, source: str, sample_rate: int, progress: bool,
+                 skipped: Optional[list[str]] = None):
+    """``(row index, row, wave)`` for the rows ``idx``; an undecodable row raises, or with a ``skipped``
+    list is logged, appended to it (its message) and left out."""
     rows = ds.select(idx.tolist()) if len(idx) != len(ds) else ds
     for k, row in enumerate(tqdm(rows, total=len(idx), desc=f"decoding {source}", disable=not progress)):
-        yield row, decode_audio(row[audio_column], sample_rate, f"{source} row {int(idx[k])}")
+        try:
+            wave = decode_audio(row[audio_column], sample_rate, f"{source} row {int(idx[k])}")
+        except AudioLoadError as e:
+            if skipped is None:
+                raise AudioLoadError(f"{e}; or set task.skip_bad_files=true to leave such rows out") from e
+            log.warning("skipping %s", e)
+            skipped.append(str(e))
+            continue
+        yield int(idx[k]), row, wave
 
 
 def label_names(ds, column: str) -> list[str]:
@@ -310,12 +321,14 @@ def load_speech_commands(path: str = "google/speech_commands", name: Optional[st
                          words: Optional[Sequence[str]] = None, max_samples: Optional[int] = None, seed: int = 0,
                          clip_samples: int = 16000, sample_rate: int = SAMPLE_RATE, revision: Optional[str] = None,
                          cache_dir: Optional[str] = None, label_column: str = "label", audio_column: str = "audio",
-                         progress: bool = True, revisions: Optional[dict[str, str]] = None):
+                         progress: bool = True, revisions: Optional[dict[str, str]] = None,
+                         skipped: Optional[list[str]] = None):
     """Speech Commands rows as a :class:`esc.data.kws.KWSSplit` (``words`` = label names, default the 35 words).
 
     Rows whose label is not in ``words`` (``_silence_``) are dropped before ``max_samples`` is drawn.
     ``voice_ids`` index ``voices`` (the ``speaker_id`` column, or one ``unknown`` voice). ``revisions``
-    gets the resolved commit of a hub data set (:func:`load_split`), as in every loader here.
+    gets the resolved commit of a hub data set (:func:`load_split`), as in every loader here; with a
+    ``skipped`` list, undecodable rows are left out and their messages appended (else they raise).
     """
     from esc.data.kws import WORDS, KWSSplit
 
@@ -331,7 +344,7 @@ def load_speech_commands(path: str = "google/speech_commands", name: Optional[st
     speakers = ds["speaker_id"] if "speaker_id" in ds.column_names else None
     waves, labels, voice_ids, voices = [], [], [], {}
     source = f"{path}[{split}]"
-    for (row, wave), i in zip(_decode_rows(ds, idx, audio_column, source, sample_rate, progress), idx):
+    for i, row, wave in _decode_rows(ds, idx, audio_column, source, sample_rate, progress, skipped):
         waves.append(fit_length(wave, clip_samples))
         labels.append(words.index(names[int(i)]))
         spk = str(speakers[int(i)]) if speakers is not None else "unknown"
@@ -344,7 +357,8 @@ def load_speech_commands(path: str = "google/speech_commands", name: Optional[st
 def load_librispeech(path: str = "openslr/librispeech_asr", name: Optional[str] = "clean", split: str = "test",
                      max_samples: Optional[int] = None, seed: int = 0, sample_rate: int = SAMPLE_RATE,
                      revision: Optional[str] = None, cache_dir: Optional[str] = None, text_column: str = "text",
-                     audio_column: str = "audio", progress: bool = True, revisions: Optional[dict[str, str]] = None):
+                     audio_column: str = "audio", progress: bool = True, revisions: Optional[dict[str, str]] = None,
+                     skipped: Optional[list[str]] = None):
     """LibriSpeech rows as a list of :class:`esc.data.asr.Clip` (wave float32 at 16 kHz, reference text, speaker)."""
     from esc.data.asr import Clip
 
@@ -354,7 +368,7 @@ def load_librispeech(path: str = "openslr/librispeech_asr", name: Optional[str] 
     idx = subset_indices(len(ds), max_samples, seed)
     source = f"{path}/{name or ''}[{split}]"
     clips = []
-    for (row, wave), i in zip(_decode_rows(ds, idx, audio_column, source, sample_rate, progress), idx):
+    for i, row, wave in _decode_rows(ds, idx, audio_column, source, sample_rate, progress, skipped):
         clips.append(Clip(wave=wave, text=str(row[text_column]), voice=str(row.get("speaker_id", "unknown")),
                           meta={"row": int(i), "id": row.get("id")}))
     log.info("%s: %d utterances, %.1f min", source, len(clips), sum(len(c.wave) for c in clips) / sample_rate / 60)
@@ -365,7 +379,8 @@ def load_esc50(path: str = "ashraq/esc50", split: str = "train", folds: Optional
                class_map: Optional[Mapping[str, str]] = None, max_samples: Optional[int] = None, seed: int = 0,
                clip_samples: int = 5 * SAMPLE_RATE, sample_rate: int = SAMPLE_RATE, revision: Optional[str] = None,
                cache_dir: Optional[str] = None, category_column: str = "category", fold_column: str = "fold",
-               audio_column: str = "audio", progress: bool = True, revisions: Optional[dict[str, str]] = None):
+               audio_column: str = "audio", progress: bool = True, revisions: Optional[dict[str, str]] = None,
+               skipped: Optional[list[str]] = None):
     """ESC-50 rows of ``folds`` as a :class:`esc.data.tagging.TaggingSet` over AudioSet names.
 
     ``class_map`` (ESC-50 category -> AudioSet display name, default :data:`ESC50_TO_AUDIOSET`)
@@ -388,10 +403,11 @@ def load_esc50(path: str = "ashraq/esc50", split: str = "train", folds: Optional
     if len(keep) == 0:
         raise ValueError(f"no row of {path} [{split}] in folds {folds} has a category of class_map")
     idx = keep[subset_indices(len(keep), max_samples, seed)]
-    waves, labels = [], np.zeros((len(idx), len(classes)), dtype=np.float32)
+    waves, labels = [], []
     source = f"{path}[{split}]"
-    for k, ((row, wave), i) in enumerate(zip(_decode_rows(ds, idx, audio_column, source, sample_rate, progress), idx)):
+    for i, row, wave in _decode_rows(ds, idx, audio_column, source, sample_rate, progress, skipped):
         waves.append(fit_length(wave, clip_samples))
-        labels[k, classes.index(class_map[cats[int(i)]])] = 1.0
+        labels.append(np.eye(len(classes), dtype=np.float32)[classes.index(class_map[cats[int(i)]])])
+    labels = np.stack(labels) if labels else np.zeros((0, len(classes)), dtype=np.float32)
     log.info("%s folds %s: %d clips, %d classes", source, folds, len(waves), int((labels.sum(0) > 0).sum()))
     return TaggingSet(np.stack(waves).astype(np.float32), labels, classes, sample_rate)

@@ -22,6 +22,7 @@ class Task:
         data_hashes: content hash of every data split the task uses (``{"test": ..., "train": ...}``),
             set by :meth:`prepare`; result rows record it, so two rows name the same bytes.
         revisions: hub data set -> the commit it was loaded from (hub tasks only), set by :meth:`prepare`.
+        skipped_files: messages of the undecodable files left out (``skip_bad_files``; hub tasks only).
     """
 
     name = "task"
@@ -29,6 +30,7 @@ class Task:
     higher_is_better = True
     data_hashes: dict[str, str] = {}
     revisions: dict[str, str] = {}
+    skipped_files: list[str] = []
 
     def prepare(self, bundle: ModelBundle) -> None:
         """Load the data and cache front-end features for ``bundle``."""

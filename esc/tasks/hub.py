@@ -22,7 +22,9 @@ Each class subclasses an offline task and only changes where the data comes from
   teacher-forced cross entropy.
 
 The KWS and tagging tasks load their data through their ``load_splits()`` hook, which the hub
-variants override. Each hub task's ``revisions`` holds, once prepared, the commit of every hub data
+variants override. ``skip_bad_files=True`` leaves undecodable rows out (each logged; their messages
+in ``skipped_files``, their count in the row) instead of stopping the run. Each hub task's
+``revisions`` holds, once prepared, the commit of every hub data
 set it read (result rows record it next to the model's).
 """
 from __future__ import annotations
@@ -65,13 +67,15 @@ class HubKeywordSpottingTask(KeywordSpottingTask):
                  train_split: str = "train", max_test_clips: Optional[int] = None, train_max_samples: Optional[int] = 1000,
                  words: Optional[Sequence[str]] = None, subset_seed: int = 0, revision: Optional[str] = None,
                  cache_dir: Optional[str] = None, eval_batch_size: int = 64, calibration_batch_size: int = 32,
-                 progress: bool = True, name: str = "speechcommands") -> None:
+                 progress: bool = True, skip_bad_files: bool = False, name: str = "speechcommands") -> None:
         self.name = name
         super().__init__(eval_batch_size=eval_batch_size, calibration_batch_size=calibration_batch_size,
                          max_test_clips=None, subset_seed=subset_seed, generate=False, progress=progress)
         self.revisions: dict[str, str] = {}
+        self.skipped_files: list[str] = []
         self.source = dict(path=path, name=config, revision=revision, cache_dir=cache_dir, words=words,
-                           seed=subset_seed, progress=progress, revisions=self.revisions)
+                           seed=subset_seed, progress=progress, revisions=self.revisions,
+                           skipped=self.skipped_files if skip_bad_files else None)
         self.test_split, self.train_split = test_split, train_split
         self.hub_max_test, self.train_max_samples = max_test_clips, train_max_samples
 
@@ -100,7 +104,7 @@ class HubTaggingTask(AudioTaggingTask):
                  max_test_clips: Optional[int] = None, calibration_clips: Optional[int] = 200, subset_seed: int = 0,
                  clip_samples: int = 80000, revision: Optional[str] = None, cache_dir: Optional[str] = None,
                  batch_size: int = 16, loss: str = "fp32", data_dir: str = "data/esc50", cache_fp32: bool = True,
-                 progress: bool = True, name: str = "esc50") -> None:
+                 progress: bool = True, skip_bad_files: bool = False, name: str = "esc50") -> None:
         self.name = name
         if set(test_folds) & set(calibration_folds):
             raise ValueError(f"test_folds {list(test_folds)} and calibration_folds {list(calibration_folds)} overlap; make them disjoint")
@@ -110,8 +114,10 @@ class HubTaggingTask(AudioTaggingTask):
                          classes=classes, clip_samples=clip_samples, mixture_fraction=0.0, batch_size=batch_size, loss=loss,
                          cache_fp32=cache_fp32)
         self.revisions: dict[str, str] = {}
+        self.skipped_files: list[str] = []
         self.source = dict(path=path, split=split, class_map=class_map, seed=subset_seed, clip_samples=clip_samples,
-                           revision=revision, cache_dir=cache_dir, progress=progress, revisions=self.revisions)
+                           revision=revision, cache_dir=cache_dir, progress=progress, revisions=self.revisions,
+                           skipped=self.skipped_files if skip_bad_files else None)
         self.test_folds, self.calibration_folds = tuple(test_folds), tuple(calibration_folds)
         self.hub_max_test, self.hub_calibration = max_test_clips, calibration_clips
 
@@ -137,12 +143,14 @@ class HubASRTask(ASRTask):
     def __init__(self, path: str = "openslr/librispeech_asr", config: Optional[str] = "clean", test_split: str = "test",
                  max_test_clips: Optional[int] = None, train_split: str = "validation",
                  train_max_samples: Optional[int] = 200, subset_seed: int = 0, revision: Optional[str] = None,
-                 cache_dir: Optional[str] = None, name: Optional[str] = None, **kwargs) -> None:
+                 cache_dir: Optional[str] = None, skip_bad_files: bool = False, name: Optional[str] = None, **kwargs) -> None:
         self.name = name or f"librispeech_{config or 'asr'}"
         super().__init__(data_dir=None, voices=(), **kwargs)
         self.revisions: dict[str, str] = {}
+        self.skipped_files: list[str] = []
         self.source = dict(path=path, name=config, revision=revision, cache_dir=cache_dir, seed=subset_seed,
-                           progress=self.progress, revisions=self.revisions)
+                           progress=self.progress, revisions=self.revisions,
+                           skipped=self.skipped_files if skip_bad_files else None)
         self.hub_splits = {"test": (test_split, max_test_clips), "train": (train_split, train_max_samples)}
 
     def _split(self, split: str):
