@@ -47,7 +47,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from esc.config import project_root  # noqa: E402
-from esc.results import flatten, git_state, read_rows  # noqa: E402
+from esc.results import NEUTRAL_DEFAULTS, flatten, git_state, read_rows  # noqa: E402
 from esc.stats import paired_bootstrap  # noqa: E402
 
 log = logging.getLogger("esc.report")
@@ -62,8 +62,11 @@ SCOPE_BEFORE_AXIS = "full"
 
 
 def _flatten(node) -> dict[str, str]:
-    """Dotted-key view ``{"calibrator.generations": "10", ...}`` of a nested config axis (values as JSON)."""
-    return {k: json.dumps(v) for k, v in flatten(node).items()}
+    """Dotted-key view ``{"calibrator.generations": "10", ...}`` of a nested config axis (values as JSON),
+    with every option of :data:`esc.results.NEUTRAL_DEFAULTS` filled in where a row predates it, and
+    without data locations (``${paths...}`` strings: the rows' ``data_hashes`` say which bytes were used)."""
+    flat = {**NEUTRAL_DEFAULTS, **flatten(node)}
+    return {k: json.dumps(v) for k, v in flat.items() if not (isinstance(v, str) and v.startswith("${paths."))}
 
 
 def setting_labels(rows: list[dict]) -> dict[str, str]:
