@@ -243,7 +243,7 @@ def pair_table(rows: list[dict], rows_dir: Path, n_boot: int = 1000, axis: str =
 
     def group_key(r: dict) -> tuple:  # every config axis but ``axis`` (names first, for a readable order)
         rest = {k: v for k, v in r.get("axes", {}).items() if k != axis}
-        return tuple(str(r[a]) for a in fixed), json.dumps(rest, sort_keys=True, default=str)
+        return tuple(str(r[a]) for a in fixed), json.dumps(_flatten(rest), sort_keys=True)
 
     out = []
     for _, group in itertools.groupby(sorted(ok, key=group_key), key=group_key):
