@@ -180,8 +180,9 @@ COMMITTED = {
     "03_esc_search.py": ["03_esc_search.png", "03_esc_overfitting.png"],
     "04_sensitivity.py": ["04_sensitivity_ast_kws_kws.png"],
     "05_ablations.py": [f"05_ablation_{a}.png" for a in ("budget", "calib_size", "fitness", "popsize", "init")],
-    "06_significance.py": ["06_seed_spread.png", "06_paired_bootstrap.png"],
+    "06_significance.py": ["06_paired_bootstrap.png"],  # the committed demo is seed 0 only: no spread to draw
 }
+SINGLE_SEED_NOTE = "every cell has a single seed"
 
 
 @pytest.mark.parametrize("name", sorted(COMMITTED))
@@ -191,4 +192,5 @@ def test_notebook_runs_on_the_committed_results(name, tmp_path, monkeypatch):
     text = execute(ROOT / "notebooks" / name, {"ESC_FIGURES": figures, "ESC_BOOT": 50}, monkeypatch)
     for png in COMMITTED[name]:
         assert (figures / png).stat().st_size > 1000, (png, text[-2000:])
-    assert "NOTE" not in text, text[-2000:]
+    notes = [line for line in text.splitlines() if "NOTE" in line and SINGLE_SEED_NOTE not in line]
+    assert not notes, text[-2000:]
