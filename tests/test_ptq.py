@@ -53,10 +53,22 @@ def float_biases(layers):
     return {n: (m.bias.detach().clone() if m.bias is not None else torch.zeros(m.weight.shape[0])) for n, m in layers.items()}
 
 
+def run_hooked(qmodel, data, hooks):
+    """One pass over the calibration batches with forward hooks ``{module: hook}`` attached, then removed."""
+    handles = [m.register_forward_hook(h) for m, h in hooks.items()]
+    try:
+        with torch.no_grad():
+            for b in data.batches:
+                data.forward(qmodel, b)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def layer_mean_errors(qmodel, data, layers, biases):
     """Per layer, ``mean over batch/positions of [layer(x) - float layer(x)]`` per channel on its actual input,
     the float layer using the float weight and the given (original) bias."""
-    sums, counts, handles = {}, {}, []
+    sums, counts, hooks = {}, {}, {}
     for name, layer in layers.items():
         dim = -1 if isinstance(layer, nn.Linear) else 1
 
@@ -67,12 +79,8 @@ def layer_mean_errors(qmodel, data, layers, biases):
             err = err.reshape(-1, err.shape[-1]).double()
             sums[name] = sums.get(name, 0) + err.sum(0)
             counts[name] = counts.get(name, 0) + err.shape[0]
-        handles.append(layer.register_forward_hook(hook))
-    with torch.no_grad():
-        for b in data.batches:
-            data.forward(qmodel, b)
-    for h in handles:
-        h.remove()
+        hooks[layer] = hook
+    run_hooked(qmodel, data, hooks)
     return {n: sums[n] / counts[n] for n in sums}
 
 
@@ -148,17 +156,13 @@ def written_out(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: t
 def channel_mean_shifts(qmodel, data, layers, weights, biases):
     """Per layer and output channel, the mean over batch and positions of ``layer(x) - written_out(x)`` with the
     float ``weights``/``biases``, ``x`` the layer's actual input in ``qmodel``."""
-    sums, handles = {}, []
+    sums, hooks = {}, {}
     for name, layer in layers.items():
         def hook(mod, args, out, name=name):
             err = (out - written_out(mod, args[0], weights[name], biases[name])).movedim(1 if out.dim() > 2 else -1, -1)
             sums.setdefault(name, []).append(err.reshape(-1, err.shape[-1]).double())
-        handles.append(layer.register_forward_hook(hook))
-    with torch.no_grad():
-        for b in data.batches:
-            data.forward(qmodel, b)
-    for h in handles:
-        h.remove()
+        hooks[layer] = hook
+    run_hooked(qmodel, data, hooks)
     return {n: torch.cat(v).mean(0) for n, v in sums.items()}
 
 
