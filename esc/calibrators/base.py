@@ -54,26 +54,25 @@ def batch_size(batch: Any) -> int:
     return batch_size(next(iter(items)))
 
 
+def map_batch(batch: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``fn`` applied to every tensor of a (nested) batch (dicts, tuples and lists rebuilt; other values kept)."""
+    if isinstance(batch, torch.Tensor):
+        return fn(batch)
+    if isinstance(batch, dict):
+        return {k: map_batch(v, fn) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(map_batch(v, fn) for v in batch)
+    return batch
+
+
 def repeat_batch(batch: Any, times: int) -> Any:
     """Repeat every tensor of a (nested) batch ``times`` times along dim 0 (population evaluation)."""
-    if isinstance(batch, torch.Tensor):
-        return batch.repeat(times, *([1] * (batch.dim() - 1)))
-    if isinstance(batch, dict):
-        return {k: repeat_batch(v, times) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(repeat_batch(v, times) for v in batch)
-    return batch
+    return map_batch(batch, lambda t: t.repeat(times, *([1] * (t.dim() - 1))))
 
 
 def take_batch(batch: Any, n: int) -> Any:
     """The first ``n`` samples of a (nested) batch: every tensor sliced on dim 0, other values kept."""
-    if isinstance(batch, torch.Tensor):
-        return batch[:n]
-    if isinstance(batch, dict):
-        return {k: take_batch(v, n) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(take_batch(v, n) for v in batch)
-    return batch
+    return map_batch(batch, lambda t: t[:n])
 
 
 @dataclass
