@@ -37,6 +37,18 @@ class TinyAttentionBlock(nn.Module):
         return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
 
 
+class OneBlock(nn.Module):
+    """One pre-LN transformer block (the BRECQ/QDrop reconstruction unit), seeded weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.block = TinyAttentionBlock(32, 2, 64)
+
+    def forward(self, x):
+        return self.block(x)
+
+
 class TinyConvTransformer(nn.Module):
     """Log-mel features ``[B, n_mels, frames]`` -> two strided Conv1d -> transformer blocks -> mean pool -> logits."""
 

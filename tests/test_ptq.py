@@ -19,7 +19,7 @@ from esc.ptq.common import float_layer_forward, quantized_layers
 from esc.ptq.smoothquant import SmoothQuant
 from esc.quant.model import QuantSpec, quantize_model
 from esc.quant.quantizer import QuantizationError
-from ptq_models import TinyAttentionBlock, TinyConvTransformer, make_data, max_calibrate, model_forward, tiny_yamnet
+from ptq_models import OneBlock, TinyConvTransformer, make_data, max_calibrate, model_forward, tiny_yamnet
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -344,16 +344,6 @@ def test_io_cache_groups_shapes_and_constants():
 
 
 # ------------------------------------------------------------------------------------------- BRECQ
-class OneBlock(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.block = TinyAttentionBlock(32, 2, 64)
-
-    def forward(self, x):
-        return self.block(x)
-
-
 def test_brecq_lowers_block_output_error():
     model = OneBlock().eval()
     data = tensor_data(correlated(32, 12, 32, seed=6), batch=8)

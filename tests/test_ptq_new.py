@@ -17,7 +17,7 @@ from esc.ptq.rotation import QuantRotatedLinear, RotatedLinear, Rotation, random
 from esc.quant.model import QuantSpec, quantize_model
 from esc.quant.quantizer import QuantizationError, UniformQuantizer
 from models import heavy_tailed
-from ptq_models import TinyAttentionBlock, TinyConvTransformer, make_data, max_calibrate, model_forward
+from ptq_models import OneBlock, TinyConvTransformer, make_data, max_calibrate, model_forward
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,18 +35,6 @@ def correlated(n: int, t: int, c: int, seed: int) -> torch.Tensor:
     """``[n, t, c]`` inputs with correlated channels."""
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, t, c, generator=g) @ (torch.randn(c, c, generator=g) / c ** 0.5)
-
-
-class OneBlock(nn.Module):
-    """One pre-LN transformer block (the BRECQ/QDrop reconstruction unit)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.block = TinyAttentionBlock(32, 2, 64)
-
-    def forward(self, x):
-        return self.block(x)
 
 
 def block_setup():
