@@ -61,6 +61,11 @@ PAIR_AXES = ("model", "task", "precision", "scope", "calibrator", "ptq", "seed")
 SCOPE_BEFORE_AXIS = "full"
 
 
+def row_scope(row: dict) -> str:
+    """A row's scope: its ``scope`` field, else ``none`` (FP32) or :data:`SCOPE_BEFORE_AXIS` for rows that predate it."""
+    return row.get("scope", "none" if row.get("precision") == "fp32" else SCOPE_BEFORE_AXIS)
+
+
 def _flatten(node) -> dict[str, str]:
     """Dotted-key view ``{"calibrator.generations": "10", ...}`` of a nested config axis (values as JSON),
     with every option of :data:`esc.results.NEUTRAL_DEFAULTS` filled in where a row predates it, and
@@ -100,7 +105,7 @@ def rows_frame(rows: list[dict]) -> pd.DataFrame:
     for r in rows:
         if r.get("status") != "ok":
             log.warning("run %s failed: %s", r.get("key"), r.get("error"))
-    ok = [{**r, "scope": r.get("scope", "none" if r.get("precision") == "fp32" else SCOPE_BEFORE_AXIS),
+    ok = [{**r, "scope": row_scope(r),
            **{k: r.get("metrics", {}).get(k) for k in LOOP_COLUMNS}} for r in ok]
     labels = setting_labels(ok)
     df = pd.DataFrame([{**r, "setting": labels[r["key"]], "revisions": revision_list(r.get("revisions"))} for r in ok],
@@ -235,7 +240,7 @@ def pair_table(rows: list[dict], rows_dir: Path, n_boot: int = 1000, axis: str =
     (``calibrator``: every calibrator pair; ``ptq`` with ``baseline="none"``: each PTQ method
     against calibration alone), on the same test clips. Rows with a setting label
     (:func:`setting_labels`) carry it in ``value`` / ``versus``."""
-    ok = [{**r, "scope": r.get("scope", SCOPE_BEFORE_AXIS)} for r in rows
+    ok = [{**r, "scope": row_scope(r)} for r in rows
           if r.get("status") == "ok" and r.get("precision") != "fp32" and r.get("task_class")]
     labels = setting_labels(ok)
     fixed = [a for a in PAIR_AXES if a != axis]
