@@ -26,9 +26,8 @@ from omegaconf import DictConfig, OmegaConf
 from esc.calibrators import BY_NAME
 from esc.calibrators.base import CalibrationData, take_batch, use_unsigned_for_nonnegative
 from esc.calibrators.weights import WEIGHT_CLIPS, calibrate_weights
-from esc.core.errors import UserError
-from esc.export.onnx import example_inputs, export_onnx
 from esc.core.bundle import ModelBundle, weights_fingerprint
+from esc.core.errors import UserError
 from esc.core.files import load_plain, save_checkpoint
 from esc.quant.model import QuantizedModel, QuantSpec, quantize_model
 from esc.quant.quantizer import GRANULARITIES, MAX_BITS, MIN_BITS
@@ -315,11 +314,14 @@ def execute(cfg: DictConfig, axes: dict[str, Any]) -> dict[str, Any]:
     log.info("Evaluating the quantized model")
     with timer("evaluate"):
         metrics = task.evaluate(qmodel)
-    onnx_path = export_path(cfg, run_key(axes))
+    key = run_key(axes)
+    onnx_path = export_path(cfg, key)
     if onnx_path is not None:
+        from esc.export.onnx import example_inputs, export_onnx  # onnx/onnxruntime load only when a run exports
+
         with timer("export"):
             export_onnx(qmodel, example_inputs(qmodel, lambda: data.forward(qmodel, data.batches[0])), onnx_path,
-                        {"row_key": run_key(axes), "axes": axes, **provenance()})
+                        {"row_key": key, "axes": axes, **provenance()})
         log.info("ONNX QDQ export written to %s", onnx_path)
     return {**row, "metrics": metrics, "ptq_seconds": timer.seconds.get("ptq", 0.0), "eval_seconds": timer.seconds["evaluate"],
             "calib_samples": data.num_samples,
