@@ -111,9 +111,9 @@ class QuantizedModel(nn.Module):
 
     @contextlib.contextmanager
     def quant_state(self, weights: bool | None = None, activations: bool | None = None,
-                    observers: Optional[dict[str, Callable]] = None):
+                    observers: Optional[dict[str, Optional[Callable]]] = None):
         """Inside the block: weight / activation quantization on or off (``None``: unchanged) and
-        ``observers`` (name -> callable) attached to those activation quantizers; on exit every
+        ``observers`` (name -> callable, or ``None`` to detach one) set on those activation quantizers; on exit every
         quantizer's ``enabled`` flag and observer are restored, also after an exception."""
         quantizers = {**self.all_activation_quantizers, **self.weight_quantizers}
         saved = {n: (q.enabled, q.observer) for n, q in quantizers.items()}
@@ -132,14 +132,10 @@ class QuantizedModel(nn.Module):
         model's fixed prompt prefix (Whisper's decoder prompt) in it, so those quantizers are
         calibrated on, and applied to, the other positions only (the PrefixQuant idea)."""
         quantizers = self.all_activation_quantizers
-        saved = {n: (quantizers[n].enabled, quantizers[n].observer) for n in self.prefix_quantizers}
-        try:
-            for n in saved:
-                quantizers[n].enabled, quantizers[n].observer = False, None
+        with self.quant_state(observers=dict.fromkeys(self.prefix_quantizers)):  # restores flags and observers
+            for n in self.prefix_quantizers:
+                quantizers[n].enabled = False
             yield self
-        finally:
-            for n, (enabled, observer) in saved.items():
-                quantizers[n].enabled, quantizers[n].observer = enabled, observer
 
     def share_quantizers(self, run: Callable[[], None]) -> list[list[str]]:
         """One quantizer per tensor: slots that read the very same tensor share one quantizer.
