@@ -25,7 +25,9 @@ from typing import Any, Iterable
 #: Version of the key scheme; bumped only when what a key means changes (all rows then rerun).
 KEY_SCHEMA = 2
 #: Dotted option -> the value every row had before the option existed (dropped from keys when equal).
-NEUTRAL_DEFAULTS: dict[str, Any] = {"model.revision": None, "scope.float_prefix": False, "task.skip_bad_files": False}
+NEUTRAL_DEFAULTS: dict[str, Any] = {"model.revision": None, "scope.float_prefix": False, "task.skip_bad_files": False,
+                                    "calibrator.max_batch": None, "calibrator.local_search": "exhaustive",
+                                    "calibrator.theta_bound": 10.0}
 VERSIONED_PACKAGES = ("torch", "torchaudio", "evotorch", "cma", "hydra-core", "transformers", "numpy", "onnxruntime")
 
 
