@@ -314,3 +314,37 @@ def test_report_refuses_dirty_rows_for_results_and_states_provenance(tmp_path):
         build_report(rows_dir, tmp_path / "report", allow_dirty=False)
     assert not (tmp_path / "report").exists()  # refused before writing anything
     assert provenance_line(read_rows([rows_dir])) == "Rows: 1 from aaaaaaa, 1 from bbbbbbb-dirty (diff 0123abcd)"
+
+
+def test_cli_names_the_test_clip_with_nan_audio(tmp_path):
+    import numpy as np
+
+    cmd = [sys.executable, "-m", "esc.run", "+experiment=tiny", "model=yamnet_tiny", "task=tagging_tiny",
+           f"paths.rows={tmp_path}/rows", f"paths.cache={tmp_path}/cache", f"paths.data={tmp_path}/data"]
+    subprocess.run([*cmd, "precision=fp32"], cwd=ROOT, check=True, capture_output=True, timeout=300)  # synthesises the sets
+    (test_file,) = (tmp_path / "data" / "tagging").glob("test-*.npz")
+    with np.load(test_file) as z:
+        arrays = dict(z)
+    arrays["waves"][5, 100] = np.nan
+    np.savez(test_file, **arrays)
+    proc = subprocess.run([*cmd, "precision=w8a8"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "test clip 5 holds 1 NaN/Inf audio samples" in last and "Traceback" not in proc.stderr
+
+
+def test_asr_task_names_the_training_clip_with_inf_audio():
+    import numpy as np
+
+    from esc.core.errors import UserError
+    from esc.data.asr import Clip
+    from esc.tasks.asr import ASRTask
+
+    good = np.zeros(1600, dtype=np.float32)
+    bad = good.copy()
+    bad[[3, 7]] = np.inf
+    clips = {"test": [Clip(good, "a", "v")], "train": [Clip(good, "a", "v"), Clip(bad, "b", "v")]}
+    task = ASRTask(data_dir=None, clips=clips)
+    task.test_clips, task.train_clips = task._split("test"), task._split("train")
+    with pytest.raises(UserError, match="asr task: train clip 1 holds 2 NaN/Inf audio samples"):
+        task.check_clips()

@@ -42,7 +42,7 @@ from torch import nn
 from esc.calibrators.base import CalibrationData
 from esc.data.asr import DEFAULT_ESPEAK_VOICES, Clip, clips_hash, make_clips
 from esc.core.bundle import ModelBundle
-from esc.tasks.base import Task
+from esc.tasks.base import Task, require_finite
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +210,13 @@ class ASRTask(Task):
         self._train_features: dict[int, torch.Tensor] = {}
 
     # ------------------------------------------------------------------------------- data
+    def check_clips(self) -> None:
+        """Raise a :class:`~esc.core.errors.UserError` naming the first test or training clip with NaN/Inf audio."""
+        fix = (f"delete the synthesised clips under {self.data_dir} so they are made again, or replace that file "
+               "of a folder or hub data set")
+        require_finite([c.wave for c in self.test_clips], self.name, "test", fix)
+        require_finite([c.wave for c in self.train_clips], self.name, "train", fix)
+
     def _split(self, split: str) -> list[Clip]:
         if self.given_clips is not None:
             clips = list(self.given_clips.get(split, []))
@@ -238,6 +245,7 @@ class ASRTask(Task):
         self.extras = bundle.extras
         self.test_clips = self._split("test")
         self.train_clips = self._split("train")
+        self.check_clips()
         self.data_hashes = {"test": clips_hash(self.test_clips), "train": clips_hash(self.train_clips)}
         self.test_features = self._features(self.test_clips)
         self.references = [self.normalizer(c.text) for c in self.test_clips]

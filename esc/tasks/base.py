@@ -1,10 +1,24 @@
 """What a task is: data, a metric, and a calibration loss. It knows nothing of quantization."""
 from __future__ import annotations
 
+from typing import Any, Sequence
+
+import numpy as np
 from torch import nn
 
 from esc.calibrators.base import CalibrationData
 from esc.core.bundle import ModelBundle
+from esc.core.errors import UserError
+
+
+def require_finite(waves: Sequence[Any] | np.ndarray, task: str, split: str, fix: str) -> None:
+    """Raise a :class:`~esc.core.errors.UserError` naming the first clip of ``split`` whose audio
+    (an array or tensor per clip, or one ``[clips, samples]`` array) holds NaN/Inf, and ``fix``."""
+    for i, wave in enumerate(waves):
+        wave = np.asarray(wave)
+        if np.issubdtype(wave.dtype, np.floating) and not np.isfinite(wave).all():
+            bad = int((~np.isfinite(wave)).sum())
+            raise UserError(f"{task} task: {split} clip {i} holds {bad} NaN/Inf audio samples; the data is damaged: {fix}")
 
 
 class Task:

@@ -215,6 +215,7 @@ class CTCASRTask(ASRTask):
                                  "(esc.models.hub.build_wav2vec2_ctc / build_conformer_ctc)")
         self.bundle, self.extras = bundle, bundle.extras
         self.test_clips, self.train_clips = self._split("test"), self._split("train")
+        self.check_clips()
         self.data_hashes = {"test": clips_hash(self.test_clips), "train": clips_hash(self.train_clips)}
         self.test_features = CTCFeatures(bundle, [c.wave for c in self.test_clips], self.eval_batch_size)
         self.references = [self.normalizer(c.text) for c in self.test_clips]

@@ -18,7 +18,7 @@ from torch import nn
 from esc.calibrators.base import CalibrationData
 from esc.data.kws import KWSSplit, config_from_kwargs, load_kws, pcm_to_float
 from esc.core.bundle import ModelBundle
-from esc.tasks.base import Task
+from esc.tasks.base import Task, require_finite
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,9 @@ class KeywordSpottingTask(Task):
         self.bundle = bundle
         splits = self.load_splits()
         self.train, test = splits["train"], splits["test"]
+        fix = f"delete {self.data_dir} and regenerate it (make data)"
+        require_finite(self.train.pcm, self.name, "train", fix)
+        require_finite(test.pcm, self.name, "test", fix)
         self.data_hashes = {"train": self.train.sha256, "test": test.sha256}
         self.train_labels = self._model_labels(self.train)
         idx = np.arange(len(test))

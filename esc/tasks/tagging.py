@@ -37,7 +37,7 @@ from esc.core.files import read_npz
 from esc.calibrators.base import CalibrationData
 from esc.data.tagging import CLASSES, DEFAULT_CLIP_SAMPLES, TaggingSpec, load_or_generate
 from esc.core.bundle import ModelBundle
-from esc.tasks.base import Task
+from esc.tasks.base import Task, require_finite
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +169,9 @@ class AudioTaggingTask(Task):
         self.class_index = [labels.index(c) for c in self.classes]
         splits = self.load_splits()
         test, calib = splits["test"], splits["calibration"]
+        fix = f"delete the tagging caches in {self.data_dir} so they are synthesised again"
+        require_finite(test.waves, self.name, "test", fix)
+        require_finite(calib.waves, self.name, "calibration", fix)
         self.data_hashes = {"test": test.sha256, "calibration": calib.sha256}
         self.test_labels, self.calib_labels = test.labels.astype(np.float32), calib.labels.astype(np.float32)
         self.test_features = self._features(bundle.frontend, test.waves)
