@@ -241,7 +241,7 @@ def calibrate(cfg: DictConfig, qmodel: QuantizedModel, data: CalibrationData, ta
     with qmodel.selecting(own):
         res = calibrator.calibrate(qmodel, data) if own else None
     result = {"seconds": res.seconds if res else 0.0, "forward_passes": res.forward_passes if res else 0,
-              "history": res.history if res else {}}
+              "history": res.history if res else {}, "timings": res.timings if res else {}}
     save_checkpoint({"state": qmodel.activation_state(), "result": result}, path)
     return {**result, "cached": False}
 
@@ -280,7 +280,7 @@ def execute(cfg: DictConfig, axes: dict[str, Any]) -> dict[str, Any]:
     with timer("fp32"):
         fp = fp32_metrics(cfg, axes, task, bundle, weights)
     row: dict[str, Any] = {"fp32_metrics": fp, "weights_fingerprint": weights, "data_hashes": dict(task.data_hashes),
-                           "calib_seconds": 0.0, "calibration_cached": False, "ptq_seconds": 0.0, "forward_passes": 0,
+                           "calib_seconds": 0.0, "calib_timings": {}, "calibration_cached": False, "ptq_seconds": 0.0, "forward_passes": 0,
                            "n_act_quantizers": 0, "n_weight_quantizers": 0, "calib_samples": 0, "history": {}, "quantizers": [],
                            "stage_seconds": timer.seconds}
     row["revisions"] = {**bundle.revisions, **task.revisions}  # hub commits of the model and data sets (empty offline)
@@ -304,7 +304,7 @@ def execute(cfg: DictConfig, axes: dict[str, Any]) -> dict[str, Any]:
         with timer("calibrate"):
             result = calibrate(cfg, qmodel, data, task, cache)
         row.update(calib_seconds=result["seconds"], forward_passes=result["forward_passes"], history=result["history"],
-                   calibration_cached=result["cached"])
+                   calib_timings=result.get("timings", {}), calibration_cached=result["cached"])
     if ptq.stage == "after" and ptq.name != "none":
         log.info("PTQ %s on the calibrated model", ptq.name)
         with timer("ptq"):

@@ -2,6 +2,8 @@
 local step and automatic population batching."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -79,6 +81,10 @@ def test_killed_search_resumes_and_ends_as_an_uninterrupted_run(tmp_path, monkey
     assert torch.equal(resumed_model.activation_scales(), whole.activation_scales())
     assert {k: v for k, v in resumed.history.items()} == expected.history
     assert evaluated[0] == 1 + 3 + 1  # local start, generations 5-7 live, the final mean: no replayed generation evaluated
+    assert expected.timings["generations_run"] == 7 and resumed.timings["generations_run"] == 3  # 4 replayed
+    for t in (expected.timings, resumed.timings):
+        assert t["popsize"] == 4 + int(3 * math.log(len(whole.activation_quantizers)))
+        assert 0 < t["forward"] <= t["fitness"] and t["seconds_per_generation"] > 0 and t["fp32_pass"] > 0
     assert not state.exists()  # removed once the search ended
 
 

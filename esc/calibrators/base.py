@@ -82,6 +82,7 @@ class CalibrationResult:
     seconds: float = 0.0
     forward_passes: int = 0  # full passes over the calibration set
     history: dict[str, list[float]] = field(default_factory=dict)  # e.g. ESC fitness curves
+    timings: dict[str, float] = field(default_factory=dict)  # per-stage wall seconds (ESC: see ESCCalibrator)
 
 
 class Calibrator:

@@ -498,7 +498,12 @@ class ESCCalibrator(Calibrator):
     After ``calibrate``, ``timings`` holds wall seconds: ``local`` (local step), ``fitness`` (all
     fitness evaluations), ``forward`` (the model forwards inside them), ``search_overhead``
     (everything else: FP reference pass, CMA-ES, bookkeeping; with Ray actors also the population
-    evaluations, which the actors' own evaluator copies time) and ``total``.
+    evaluations, which the actors' own evaluator copies time) and ``total``;
+    ``CalibrationResult.timings`` (recorded in the result row) adds ``generations_run`` (generations
+    evaluated in this process: fewer after a resume), ``popsize``, ``seconds_per_generation`` (the
+    search loop's wall time over ``generations_run``) and ``fp32_pass`` (one FP32 forward over the
+    calibration set, timed after the search), so ``seconds_per_generation / (popsize * fp32_pass)``
+    is ESC's cost per generation in units of the forward passes it needs.
     """
 
     name = "esc"
@@ -613,6 +618,7 @@ class ESCCalibrator(Calibrator):
         best_theta, best_fit = torch.zeros(n), local_fit
         center, self._monitor_seconds = None, 0.0
         run = self._run_evotorch if self.backend == "evotorch" else self._run_pycma
+        t_search = time.perf_counter()
         try:  # on any error, leave the model with the local scales rather than a population
             for gen, (pop_theta, pop_fit, sigma, center) in enumerate(run(objective, n, popsize), start=1):
                 history["best"].append(float(pop_fit.min()))
@@ -623,6 +629,7 @@ class ESCCalibrator(Calibrator):
                     best_theta, best_fit = pop_theta[i].clone(), float(pop_fit[i])
                 if self.monitor is not None and self.monitor_every and (gen % self.monitor_every == 0 or gen == 1):
                     self._record_monitor(qmodel, evaluator, s_local, center(), gen, history)
+            t_search = time.perf_counter() - t_search - self._monitor_seconds
             if center is None:  # generations=0: the local step alone
                 final_theta, search_fit = best_theta, local_fit
             elif self.final == "mean":
@@ -646,6 +653,10 @@ class ESCCalibrator(Calibrator):
         seconds = time.perf_counter() - start - self._monitor_seconds
         self.timings = dict(local=t_local, fitness=evaluator.seconds, forward=evaluator.forward_seconds, total=seconds,
                             search_overhead=seconds - t_local - evaluator.seconds)
+        run_here = self.generations - (len(saved["fitness"]) if saved else 0)  # generations evaluated in this process
+        row_timings = dict(self.timings, generations_run=float(run_here), popsize=float(popsize),
+                           seconds_per_generation=t_search / run_here if run_here else 0.0,
+                           fp32_pass=self._fp32_pass_seconds(qmodel, data))
         remote = popsize * len(history["best"]) if self.remote else 0  # counted by the actors' evaluator copies
         remote += popsize * len(saved["fitness"]) if saved else 0  # evaluated before the interruption
         local = local_passes(self.local_search, self.local_samples) if self.init == "output_mse" else 2
@@ -656,7 +667,17 @@ class ESCCalibrator(Calibrator):
             history["population_chunk"] = [float(evaluator.chunk)]
         log.info("ESC: fitness %.6g -> %.6g in %.1fs (%d candidate evaluations)", local_fit, final_fit, seconds,
                  evaluator.evaluations)
-        return CalibrationResult(seconds=seconds, forward_passes=passes, history=history)
+        return CalibrationResult(seconds=seconds, forward_passes=passes, history=history, timings=row_timings)
+
+    @staticmethod
+    def _fp32_pass_seconds(qmodel: QuantizedModel, data: CalibrationData) -> float:
+        """Wall seconds of one FP32 forward over the calibration set (quantizers off): the unit in which
+        a generation's cost is judged (``seconds_per_generation / (popsize * fp32_pass)``)."""
+        with qmodel.quant_state(weights=False, activations=False), torch.no_grad():
+            start = time.perf_counter()
+            for batch in data.batches:
+                data.forward(qmodel, batch)
+            return time.perf_counter() - start
 
     def _save_state(self, s_local: torch.Tensor, t_local: float, fitness_log: list[torch.Tensor]) -> None:
         """Write the search state to ``state_path`` (atomically): the local scales, the local step's
