@@ -236,6 +236,87 @@ def no_fastpath(module: nn.Module):
         handle.remove()
 
 
+def layernorm_linear_groups(model: nn.Module, data: CalibrationData, method: str
+                            ) -> tuple[dict[str, list[str]], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """LayerNorm name -> the names of the Linears that read its output, and the per-channel ``(min, max)`` of each
+    LayerNorm's output over all calibration data and positions (the LayerNorm -> Linear(s) pattern of
+    SmoothQuant and RepQ-ViT; ``method`` names the caller in the log).
+
+    Pattern search (a traced forward with hooks, no ``torch.fx``): a forward hook records each LayerNorm output
+    tensor and a pre-hook on every ``nn.Linear`` records which LayerNorm produced its input (the very same tensor
+    object, so any reshape, transpose or arithmetic in between disqualifies it). A LayerNorm (affine, 1-D
+    ``normalized_shape``) forms a group with its consumer Linears when every call of each consumer reads that
+    LayerNorm's output directly. Consumers the hooks cannot see (a residual add reading the LayerNorm output, a
+    non-Linear layer) are not detected here: a caller that folds a transform into a group checks the float
+    outputs afterwards (:func:`keep_if_outputs_match`).
+    """
+    norms = {n: m for n, m in model.named_modules() if isinstance(m, nn.LayerNorm)}
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    live: dict[int, tuple[str, torch.Tensor]] = {}  # id(output) -> (norm, output); outputs kept alive for the batch
+    sources: dict[str, set] = {n: set() for n in linears}
+    ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    handles = []
+
+    def norm_hook(name):
+        def hook(mod, args, out):
+            live[id(out)] = (name, out)
+            flat = out.detach().reshape(-1, out.shape[-1])
+            lo, hi = flat.amin(0), flat.amax(0)
+            ranges[name] = (torch.minimum(ranges[name][0], lo), torch.maximum(ranges[name][1], hi)) if name in ranges else (lo, hi)
+        return hook
+
+    def linear_hook(name):
+        def hook(mod, args):
+            hit = live.get(id(args[0]))
+            sources[name].add(hit[0] if hit is not None and hit[1] is args[0] else None)
+        return hook
+
+    try:
+        for n, m in norms.items():
+            handles.append(m.register_forward_hook(norm_hook(n)))
+        for n, m in linears.items():
+            handles.append(m.register_forward_pre_hook(linear_hook(n)))
+        with torch.no_grad():
+            for batch in data.batches:
+                data.forward(model, batch)
+                live.clear()
+    finally:
+        for h in handles:
+            h.remove()
+    groups: dict[str, list[str]] = {}
+    for lin, src in sources.items():
+        if len(src) == 1 and None not in src:
+            groups.setdefault(next(iter(src)), []).append(lin)
+    mixed = {s for src in sources.values() if len(src) > 1 for s in src if s is not None}
+    for norm in list(groups):
+        m = norms[norm]
+        if norm in mixed or not m.elementwise_affine or m.weight is None or len(m.normalized_shape) != 1:
+            log.info("%s: %s not treated (non-affine, multi-dim, or its consumers also read other inputs)", method, norm)
+            del groups[norm]
+    return groups, ranges
+
+
+def keep_if_outputs_match(model: nn.Module, data: CalibrationData, reference: Optional[list[torch.Tensor]],
+                          modules: Sequence[nn.Module], change, rtol: float) -> bool:
+    """Run ``change()`` (an in-place edit of the ``weight`` and ``bias`` of ``modules``, which may add a missing
+    ``bias``) and keep it when ``model``'s outputs on the first calibration batch still match ``reference``
+    (:func:`outputs_match` with ``rtol``); otherwise put every ``weight`` and ``bias`` of ``modules`` back (an
+    added bias removed) and return ``False``. ``reference=None`` keeps the change unchecked."""
+    saved = [{n: None if getattr(m, n) is None else getattr(m, n).detach().clone() for n in ("weight", "bias")} for m in modules]
+    with torch.no_grad():
+        change()
+    if reference is None or outputs_match(reference, first_batch_outputs(model, data), rtol):
+        return True
+    with torch.no_grad():
+        for m, params in zip(modules, saved):
+            for n, t in params.items():
+                if t is None:
+                    setattr(m, n, None)
+                else:
+                    getattr(m, n).copy_(t)
+    return False
+
+
 def _float_leaves(obj: Any) -> list[torch.Tensor]:
     """Every tensor in a (nested) model output."""
     if isinstance(obj, torch.Tensor):

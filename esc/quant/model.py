@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from esc.quant.modules import QuantLayerNorm, QuantLinear
-from esc.quant.quantizer import Log2Quantizer, UniformQuantizer
+from esc.quant.quantizer import LOG_GRIDS, Log2Quantizer, UniformQuantizer
 from esc.quant.roles import REGISTRY, slot_roles
 from esc.quant.scope import Scope, full_scope
 
@@ -241,7 +241,7 @@ class QuantizedModel(nn.Module):
             for name, q in quantizers.items():
                 lo, hi = q.clip_range if q.is_calibrated else (torch.tensor(float("nan")),) * 2
                 rows.append(dict(name=name, kind=kind, role=q.role or "weight", bits=q.bits,
-                                 grid="log2" if isinstance(q, Log2Quantizer) else "uniform", signed=q.signed,
+                                 grid=q.grid, signed=q.signed,
                                  granularity=q.granularity, calibrator=q.calibrator, shares=shared.get(name, []),
                                  clip_lo=float(lo.min()), clip_hi=float(hi.max()),
                                  level_utilisation=util.get(id(q), float("nan"))))
@@ -279,7 +279,7 @@ def quantize_model(model: nn.Module, weight: QuantSpec | None = QuantSpec(8, Tru
         if spec.bits is None or activation is None:
             return None
         name = f"{module}.{slot}_quantizer"
-        q = Log2Quantizer(spec.bits, name) if spec.grid == "log2" else \
+        q = Log2Quantizer(spec.bits, name, spec.grid) if spec.grid in LOG_GRIDS else \
             UniformQuantizer(spec.bits, base.symmetric, True, base.granularity, 0, name)
         q.role, q.calibrator = role, spec.calibrator
         return q

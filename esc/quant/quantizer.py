@@ -21,6 +21,8 @@ from torch import nn
 from esc.core.errors import UserError
 
 GRANULARITIES = ("tensor", "channel")
+#: Logarithmic grids of :class:`Log2Quantizer`: name -> levels per octave (the base is ``2^(1/k)``).
+LOG_GRIDS = {"log2": 1, "log_sqrt2": 2}
 MIN_BITS, MAX_BITS = 2, 16
 
 
@@ -112,6 +114,7 @@ class UniformQuantizer(nn.Module):
         self.register_buffer("scale", torch.empty(0))
         self.register_buffer("zero_point", torch.empty(0))
         self._level_counts: Optional[torch.Tensor] = None
+        self.grid = "uniform"  # the grid's name (a scope's ``grid``; :class:`Log2Quantizer` has logarithmic ones)
         self.role = ""  # its op role (esc.quant.roles) when inserted by a scope
         self.calibrator: Optional[str] = None  # a fixed calibrator for it (None: the run's calibrator)
         self.shared = False  # True when several slots read the same tensor through this quantizer
@@ -256,19 +259,28 @@ class UniformQuantizer(nn.Module):
 
 
 class Log2Quantizer(UniformQuantizer):
-    """Logarithmic quantizer for non-negative tensors such as softmax probabilities (FQ-ViT, Lin et al.,
-    IJCAI 2022, its ``Log2Quantizer``; RepQ-ViT's log-sqrt(2) variant is a change of base).
+    """Logarithmic quantizer for non-negative tensors such as softmax probabilities: a log2 grid (FQ-ViT, Lin et
+    al., IJCAI 2022, its ``Log2Quantizer``) or a log-sqrt(2) grid (RepQ-ViT, Li et al., ICCV 2023, its
+    ``LogSqrt2Quantizer`` in ``classification/quant/quantizer.py`` of github.com/zkkli/RepQ-ViT).
 
-    Definition: with scale ``s`` (the clip, i.e. the largest representable value) and ``b`` bits,
-    ``q = round(-log2(x / s))``; values with ``q >= 2^b`` (and exact zeros) map to 0, the others to
-    ``s * 2^(-max(q, 0))``. Levels are powers of two below ``s``, so a probability row keeps its
-    small entries that a uniform 8-bit grid (step ``s / 255``) rounds to zero. Gradients pass straight
-    through. Calibrators set ``s`` from the clip (max calibration gives ``s = max x``); a negative
-    input is an error.
+    Definition: with scale ``s`` (the clip, i.e. the largest representable value), ``b`` bits and ``k`` levels per
+    octave (:data:`LOG_GRIDS`: ``k = 1`` for ``grid="log2"``, ``k = 2`` for ``grid="log_sqrt2"``, the base being
+    ``2^(1/k)``), ``q = round(-k log2(x / s))`` (i.e. ``round(-log_base(x / s))``); values with ``q >= 2^b`` (and
+    exact zeros) map to 0, the others to ``s * 2^(-max(q, 0) / k)``. Levels are powers of the base below ``s``,
+    so a probability row keeps its small entries that a uniform 8-bit grid (step ``s / 255``) rounds to zero;
+    the log-sqrt(2) grid has twice the resolution over half the range. RepQ-ViT's inference form writes a
+    log-sqrt(2) level as ``s * 2^(-ceil(q/2)) * (sqrt(2) if q is odd else 1)``, a bit shift and a constant
+    factor per parity (its "reparameterisation to log2"); the values are the same, so fake quantization
+    computes them directly. Gradients pass straight through. Calibrators set ``s`` from the clip (max
+    calibration gives ``s = max x``); a negative input is an error.
     """
 
-    def __init__(self, bits: int = 8, name: str = "") -> None:
+    def __init__(self, bits: int = 8, name: str = "", grid: str = "log2") -> None:
         super().__init__(bits, True, False, "tensor", 0, name)
+        if grid not in LOG_GRIDS:
+            raise QuantizationError(f"quantizer {name!r}: unknown logarithmic grid {grid!r}; use one of {sorted(LOG_GRIDS)}")
+        self.grid = grid
+        self.levels_per_octave = LOG_GRIDS[grid]
 
     def set_clip_range(self, lo: torch.Tensor | float, hi: torch.Tensor | float | None = None) -> None:
         """Set the scale to the clip ``hi`` (or ``lo`` alone)."""
@@ -284,15 +296,19 @@ class Log2Quantizer(UniformQuantizer):
         self._require_calibrated()
         return torch.zeros_like(self.scale), self.scale
 
+    def _exponents(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """``round(-k log2(x / s))`` (``k = 1``: exactly ``round(-log2(x / s))``)."""
+        return torch.round(-torch.log2(x.detach() / scale) * self.levels_per_octave)
+
     def fake_quantize(self, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None) -> torch.Tensor:
         if bool((x < 0).any()):
-            raise QuantizationError(f"quantizer {self.name!r}: the log2 grid got negative inputs; use it for probabilities only")
-        q = torch.round(-torch.log2(x.detach() / scale))
-        out = torch.where(q >= 2**self.bits, torch.zeros_like(x), scale * torch.exp2(-q.clamp(min=0)))
+            raise QuantizationError(f"quantizer {self.name!r}: the {self.grid} grid got negative inputs; use it for probabilities only")
+        q = self._exponents(x, scale)
+        out = torch.where(q >= 2**self.bits, torch.zeros_like(x), scale * torch.exp2(-q.clamp(min=0) / self.levels_per_octave))
         return x + (out - x).detach()
 
     def levels(self, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
-        return torch.round(-torch.log2(x.detach() / scale)).clamp(0, self.qmax).nan_to_num(self.qmax).long()
+        return self._exponents(x, scale).clamp(0, self.qmax).nan_to_num(self.qmax).long()
 
 
 def check_finite(x: torch.Tensor, name: str) -> None:

@@ -8,6 +8,8 @@ an axis of every run and part of every row's key. The named scopes:
   calibration on every other quantized op (LayerNorm outputs, attention operands), all at the
   activation bits; one quantizer per tensor.
 * ``paper_a16``: ``paper`` with the attention products (Q/K operands, probabilities, V) at 16 bits.
+* ``paper_log2`` / ``paper_log_sqrt2``: ``paper`` with the softmax probabilities on a log2 grid (FQ-ViT) or a
+  log-sqrt(2) grid (RepQ-ViT), :class:`~esc.quant.quantizer.Log2Quantizer`.
 * ``linear``: Conv/Linear and head inputs only.
 * ``full``: the scope of the rows before scopes existed: every Conv/Linear input, LayerNorm output
   and attention operand with the run's calibrator, no LayerNorm input, each slot its own quantizer.
@@ -25,17 +27,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from esc.quant.quantizer import MAX_BITS, MIN_BITS, QuantizationError
+from esc.quant.quantizer import LOG_GRIDS, MAX_BITS, MIN_BITS, QuantizationError
 from esc.quant.roles import ROLES, matches
 
-GRIDS = ("uniform", "log2")
+GRIDS = ("uniform", *LOG_GRIDS)
 ACTIVATION = "activation"  # bits placeholder: the precision's activation bit width
 
 
 @dataclass(frozen=True)
 class RoleSpec:
     """How the tensors of one role are quantized: ``bits`` (``None``: float), ``grid`` (uniform |
-    log2) and ``calibrator`` (``None``: the run's calibrator; else a statistic calibrator's name)."""
+    log2 | log_sqrt2) and ``calibrator`` (``None``: the run's calibrator; else a statistic calibrator's name)."""
 
     bits: Optional[int]
     grid: str = "uniform"
