@@ -47,25 +47,35 @@ class SmoothQuant(PTQMethod):
         self.groups: dict[str, list[str]] = {}
         self.scales: dict[str, torch.Tensor] = {}
 
-    def smoothing_scales(self, act_max: torch.Tensor, linears: list[nn.Linear]) -> torch.Tensor:
+    def find_groups(self, model: nn.Module, data: CalibrationData) -> tuple[dict[str, list[str]], dict[str, torch.Tensor]]:
+        """LayerNorm name -> consumer Linear names (:func:`~esc.ptq.common.layernorm_linear_groups`), and the
+        per-channel max |output| of each LayerNorm."""
+        groups, ranges = layernorm_linear_groups(model, data, self.name)
+        return groups, {n: torch.maximum(-lo, hi) for n, (lo, hi) in ranges.items()}
+
+    def smoothing_scales(self, act_max: torch.Tensor, linears: list[nn.Linear], alpha: float) -> torch.Tensor:
         """``s_j = max|x_j|^alpha / max_j|W_:,j|^(1-alpha)`` with the weight max over all ``linears``."""
         w_max = torch.stack([lin.weight.detach().abs().amax(0) for lin in linears]).amax(0)
         a = act_max.clamp(min=self.eps).to(w_max.dtype)
-        return a.pow(self.alpha) / w_max.clamp(min=self.eps).pow(1.0 - self.alpha)
+        return a.pow(alpha) / w_max.clamp(min=self.eps).pow(1.0 - alpha)
+
+    def group_scales(self, norm_name: str, act_max: torch.Tensor, linears: list[nn.Linear]) -> torch.Tensor:
+        """The smoothing scales of the group of LayerNorm ``norm_name``: :meth:`smoothing_scales` at the fixed
+        ``alpha`` (:class:`esc.ptq.ditas.DiTAS` searches alpha per group here instead)."""
+        return self.smoothing_scales(act_max, linears, self.alpha)
 
     def apply(self, model: nn.Module, data: CalibrationData) -> None:
         """Find the LayerNorm -> Linear groups on ``data`` and smooth each one."""
         if isinstance(model, QuantizedModel):
-            raise QuantizationError("SmoothQuant acts on the float model before quantizers are inserted (stage='before'); "
+            raise QuantizationError(f"{type(self).__name__} acts on the float model before quantizers are inserted (stage='before'); "
                                     "apply it to the float model and call quantize_model afterwards")
-        groups, ranges = layernorm_linear_groups(model, data, self.name)
+        groups, act_max = self.find_groups(model, data)
         reference = first_batch_outputs(model, data) if self.verify else None
         self.groups, self.scales = {}, {}
         for norm_name, lin_names in groups.items():
             norm = model.get_submodule(norm_name)
             linears = [model.get_submodule(n) for n in lin_names]
-            lo, hi = ranges[norm_name]
-            s = self.smoothing_scales(torch.maximum(-lo, hi), linears)
+            s = self.group_scales(norm_name, act_max[norm_name], linears)
 
             def smooth(norm=norm, linears=linears, s=s):
                 norm.weight.div_(s)
