@@ -24,6 +24,7 @@ from esc.quant.modules import QuantLayerNorm, QuantLinear
 from esc.quant.quantizer import LOG_GRIDS, Log2Quantizer, UniformQuantizer
 from esc.quant.roles import REGISTRY, slot_roles
 from esc.quant.scope import Scope, full_scope
+from esc.quant.softmax import LinearSoftmaxQuantizer
 
 
 @dataclass(frozen=True)
@@ -279,8 +280,12 @@ def quantize_model(model: nn.Module, weight: QuantSpec | None = QuantSpec(8, Tru
         if spec.bits is None or activation is None:
             return None
         name = f"{module}.{slot}_quantizer"
-        q = Log2Quantizer(spec.bits, name, spec.grid) if spec.grid in LOG_GRIDS else \
-            UniformQuantizer(spec.bits, base.symmetric, True, base.granularity, 0, name)
+        if spec.softmax is not None:
+            q = LinearSoftmaxQuantizer(spec.bits, spec.grid, spec.softmax, name)
+        elif spec.grid in LOG_GRIDS:
+            q = Log2Quantizer(spec.bits, name, spec.grid)
+        else:
+            q = UniformQuantizer(spec.bits, base.symmetric, True, base.granularity, 0, name)
         q.role, q.calibrator = role, spec.calibrator
         return q
 

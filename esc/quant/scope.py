@@ -10,6 +10,8 @@ an axis of every run and part of every row's key. The named scopes:
 * ``paper_a16``: ``paper`` with the attention products (Q/K operands, probabilities, V) at 16 bits.
 * ``paper_log2`` / ``paper_log_sqrt2``: ``paper`` with the softmax probabilities on a log2 grid (FQ-ViT) or a
   log-sqrt(2) grid (RepQ-ViT), :class:`~esc.quant.quantizer.Log2Quantizer`.
+* ``paper_hyq``: ``paper`` with HyQ's integer softmax (linear exponential, log2 output) on the softmax
+  probabilities: the ``softmax`` option of that role (:mod:`esc.quant.softmax`).
 * ``linear``: Conv/Linear and head inputs only.
 * ``full``: the scope of the rows before scopes existed: every Conv/Linear input, LayerNorm output
   and attention operand with the run's calibrator, no LayerNorm input, each slot its own quantizer.
@@ -29,19 +31,25 @@ from typing import Any, Optional
 
 from esc.quant.quantizer import LOG_GRIDS, MAX_BITS, MIN_BITS, QuantizationError
 from esc.quant.roles import ROLES, matches
+from esc.quant.softmax import IntSoftmaxSpec
 
 GRIDS = ("uniform", *LOG_GRIDS)
+SOFTMAX_ROLE = "attention_probs"  # the one role whose tensor is a softmax output (the ``softmax`` option)
 ACTIVATION = "activation"  # bits placeholder: the precision's activation bit width
 
 
 @dataclass(frozen=True)
 class RoleSpec:
     """How the tensors of one role are quantized: ``bits`` (``None``: float), ``grid`` (uniform |
-    log2 | log_sqrt2) and ``calibrator`` (``None``: the run's calibrator; else a statistic calibrator's name)."""
+    log2 | log_sqrt2) and ``calibrator`` (``None``: the run's calibrator; else a statistic calibrator's name).
+    ``softmax`` (``attention_probs`` only; ``None``: the float softmax's output is rounded on ``grid``):
+    HyQ's integer softmax (:mod:`esc.quant.softmax`), ``bits`` and ``calibrator`` then set the grid of
+    its integer scores and ``grid`` is its output grid (uniform | log2)."""
 
     bits: Optional[int]
     grid: str = "uniform"
     calibrator: Optional[str] = None
+    softmax: Optional[IntSoftmaxSpec] = None
 
 
 @dataclass(frozen=True)
@@ -75,7 +83,7 @@ class Scope:
         for o in self.overrides:
             if matches(module, [o.pattern]):
                 spec = RoleSpec(spec.bits if o.bits == "keep" else o.bits, spec.grid,
-                                spec.calibrator if o.calibrator == "keep" else o.calibrator)
+                                spec.calibrator if o.calibrator == "keep" else o.calibrator, spec.softmax)
         return spec
 
 
@@ -88,6 +96,22 @@ def _bits(value: Any, activation_bits: Optional[int], where: str) -> Optional[in
         raise QuantizationError(f"scope {where}: bits={value!r} must be null (float), {ACTIVATION!r} or an integer in "
                                 f"{MIN_BITS}..{MAX_BITS}")
     return value
+
+
+def _softmax(value: Any, role: str, where: str) -> Optional[IntSoftmaxSpec]:
+    """The :class:`IntSoftmaxSpec` of a role's ``softmax`` option (a mapping of its fields, or ``None``)."""
+    if value is None:
+        return None
+    if role != SOFTMAX_ROLE:
+        raise QuantizationError(f"scope {where}: the softmax option belongs to the {SOFTMAX_ROLE} role only")
+    unknown = set(dict(value)) - set(IntSoftmaxSpec.__dataclass_fields__)
+    if unknown:
+        raise QuantizationError(f"scope {where}: unknown softmax options {sorted(unknown)}; use some of "
+                                f"{sorted(IntSoftmaxSpec.__dataclass_fields__)}")
+    value = dict(value)
+    if "coef" in value:
+        value["coef"] = tuple(float(c) for c in value["coef"])
+    return IntSoftmaxSpec(**value)
 
 
 def build_scope(cfg: dict, activation_bits: Optional[int]) -> Scope:
@@ -107,7 +131,8 @@ def build_scope(cfg: dict, activation_bits: Optional[int]) -> Scope:
         grid = r.get("grid", "uniform")
         if grid not in GRIDS:
             raise QuantizationError(f"scope {name!r} role {role}: grid={grid!r} is not one of {GRIDS}")
-        roles[role] = RoleSpec(_bits(r.get("bits"), activation_bits, f"{name!r} role {role}"), grid, r.get("calibrator"))
+        roles[role] = RoleSpec(_bits(r.get("bits"), activation_bits, f"{name!r} role {role}"), grid, r.get("calibrator"),
+                               _softmax(r.get("softmax"), role, f"{name!r} role {role}"))
     overrides = []
     for o in cfg.get("overrides") or ():
         o = dict(o)
