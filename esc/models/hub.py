@@ -15,9 +15,9 @@ config, with no download, for tests; ``config_overrides`` change fields of the t
   encoder (rotary position embeddings, convolution modules) and has a ``transformers`` loader,
   so it needs neither NeMo nor SpeechBrain.
 * :func:`build_whisper_hub`: ``openai/whisper-base`` (``WhisperForConditionalGeneration``), with
-  the offline Whisper's front end (:class:`esc.models.whisper.WhisperLogMel`), attention
-  ``MatMul`` modules (:func:`esc.models.whisper.add_matmul_modules`) and decoding settings
-  (:func:`esc.models.whisper.decoding_extras`), so :class:`esc.tasks.asr.ASRTask` drives it
+  the offline Whisper's front end (:class:`esc.models.whisper_frontend.WhisperLogMel`), attention
+  ``MatMul`` modules (:func:`esc.models.matmul_attention.add_matmul_modules`) and decoding settings
+  (:func:`esc.models.whisper_tokenizer.decoding_extras`), so :class:`esc.tasks.asr.ASRTask` drives it
   exactly like the offline Whisper.
 
 The quantized network (``bundle.model``) takes front-end features and returns a logits tensor
@@ -239,18 +239,18 @@ def _seeded(seed: int, fn: Callable[[], nn.Module]) -> nn.Module:
 def enable_matmul_attention(hf_model: nn.Module, attention_classes: Sequence[type]) -> nn.Module:
     """Give each attention module ``qk_matmul``/``pv_matmul`` :class:`MatMul` modules and switch the
     model to :data:`MATMUL_ATTENTION`: the offline Whisper's ``esc_matmul`` attention function
-    (:func:`esc.models.whisper.esc_matmul_attention`; the products become quantization points),
+    (:func:`esc.models.matmul_attention.esc_matmul_attention`; the products become quantization points),
     with a ``position_bias`` (relative positions) folded into the additive mask first."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
 
-    from esc.models import whisper
+    from esc.models.matmul_attention import esc_matmul_attention
     from esc.quant.modules import MatMul
 
     def with_bias(module, query, key, value, attention_mask, position_bias=None, **kwargs):
         if position_bias is not None:
             attention_mask = position_bias if attention_mask is None else attention_mask + position_bias
-        return whisper.esc_matmul_attention(module, query, key, value, attention_mask, **kwargs)
+        return esc_matmul_attention(module, query, key, value, attention_mask, **kwargs)
 
     AttentionInterface.register(MATMUL_ATTENTION, with_bias)
     ALL_MASK_ATTENTION_FUNCTIONS.register(MATMUL_ATTENTION, eager_mask)
@@ -435,24 +435,27 @@ def build_whisper_hub(name_or_path: str = HUB_IDS["whisper_base_hub"], tiny: boo
     """Whisper from the hub (``openai/whisper-base``), driven like the offline Whisper.
 
     The model is ``WhisperForConditionalGeneration`` (float32) with ``MatMul`` attention
-    (:func:`esc.models.whisper.add_matmul_modules`); front end :class:`~esc.models.whisper.WhisperLogMel`;
-    ``extras`` from :func:`~esc.models.whisper.decoding_extras` (the fast tokenizer's
+    (:func:`esc.models.matmul_attention.add_matmul_modules`); front end :class:`~esc.models.whisper_frontend.WhisperLogMel`;
+    ``extras`` from :func:`~esc.models.whisper_tokenizer.decoding_extras` (the fast tokenizer's
     ``tokenizers.Tokenizer``, the English transcribe prompt, ``suppress_tokens`` /
     ``begin_suppress_tokens`` of the generation config), so :class:`esc.tasks.asr.ASRTask` decodes it.
 
     Args:
         tiny: random weights on a tiny ``WhisperConfig`` with the offline byte-level test tokenizer
-            (:func:`esc.models.whisper.char_tokenizer`); no download.
+            (:func:`esc.models.whisper_tokenizer.char_tokenizer`); no download.
         encoder_frames: shorter encoder window in mel frames (even; the positional embeddings are
-            sliced as in :func:`esc.models.whisper.whisper_from_ct2`); ``None`` keeps 3000 (tiny: 3000).
+            sliced as in :func:`esc.models.whisper_ct2.whisper_from_ct2`); ``None`` keeps 3000 (tiny: 3000).
         revision: hub branch, tag or commit, recorded as in :func:`build_ast_speechcommands`.
     """
     from transformers import WhisperConfig, WhisperForConditionalGeneration
 
-    from esc.models import whisper
+    from esc.models.matmul_attention import add_matmul_modules
+    from esc.models.whisper import WHISPER_PREFIX_MODULES
+    from esc.models.whisper_frontend import WhisperLogMel
+    from esc.models.whisper_tokenizer import char_tokenizer, decoding_extras
 
     if tiny:
-        tok = whisper.char_tokenizer()
+        tok = char_tokenizer()
         eot, sot = tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|startoftranscript|>")
         spec = dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
                     encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=80, max_source_positions=1500,
@@ -484,13 +487,13 @@ def build_whisper_hub(name_or_path: str = HUB_IDS["whisper_base_hub"], tiny: boo
         pos.weight.data = pos.weight.data[: encoder_frames // 2].clone()
         pos.num_embeddings = encoder_frames // 2
         hf.config.max_source_positions = encoder_frames // 2
-    whisper.add_matmul_modules(hf)
+    add_matmul_modules(hf)
     frames = 2 * hf.config.max_source_positions
-    extras = whisper.decoding_extras(tok, suppress, suppress_begin, max_new_tokens)
+    extras = decoding_extras(tok, suppress, suppress_begin, max_new_tokens)
     extras.update(encoder_frames=frames, hub_id=hub_id)
-    frontend = whisper.WhisperLogMel(n_mels=hf.config.num_mel_bins, frames=frames)
+    frontend = WhisperLogMel(n_mels=hf.config.num_mel_bins, frames=frames)
     return ModelBundle(name=name, model=_finish(hf), frontend=frontend, sample_rate=SAMPLE_RATE, extras=extras,
-                       head=("proj_out",), prefix_modules=whisper.WHISPER_PREFIX_MODULES, revisions=revisions)
+                       head=("proj_out",), prefix_modules=WHISPER_PREFIX_MODULES, revisions=revisions)
 
 
 BUILDERS = {"ast_speechcommands": build_ast_speechcommands, "ast_audioset": build_ast_audioset,
