@@ -24,6 +24,8 @@ from esc.calibrators.minmax import MinMaxCalibrator
 from esc.data import hub as hubdata
 from esc.data.audio import AudioLoadError
 from esc.models import hub
+from esc.models.ctc_decoder import CTCGreedyDecoder
+from esc.models.hub_frontends import CTCFrontend
 from esc.quant.model import quantize_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -171,7 +173,7 @@ def test_matmul_attention_is_exact_and_quantizable():
 
 
 def test_ctc_frontend_ignores_padding():
-    fe = hub.CTCFrontend(do_normalize=True, attention_mask=True)
+    fe = CTCFrontend(do_normalize=True, attention_mask=True)
     x = torch.from_numpy(noise(8000, 1)) + 0.3
     padded = torch.zeros(2, 12000)
     padded[0, :8000], padded[1] = x, torch.from_numpy(noise(12000, 2))
@@ -185,7 +187,7 @@ def test_ctc_frontend_ignores_padding():
 
 def test_ctc_greedy_decode_known_answer():
     vocab = list(hub.LIBRISPEECH_CHARS)
-    dec = hub.CTCGreedyDecoder(vocab, blank_id=0)
+    dec = CTCGreedyDecoder(vocab, blank_id=0)
     # frames: H H <pad> I | | T <unk> <pad> O O <pad> O <s>   -> "HI TOO"
     path = ["H", "H", "<pad>", "I", "|", "|", "T", "<unk>", "<pad>", "O", "O", "<pad>", "O", "</s>"]
     logits = torch.full((2, len(path), len(vocab)), -5.0)
@@ -204,7 +206,7 @@ def test_ctc_decoder_matches_the_hf_tokenizer(tmp_path):
     vocab_file = tmp_path / "vocab.json"
     vocab_file.write_text(json.dumps({t: i for i, t in enumerate(hub.LIBRISPEECH_CHARS)}))
     tok = Wav2Vec2CTCTokenizer(str(vocab_file))
-    dec = hub.CTCGreedyDecoder.from_tokenizer(tok)
+    dec = CTCGreedyDecoder.from_tokenizer(tok)
     assert dec.blank_id == 0 and dec.vocab == list(hub.LIBRISPEECH_CHARS)
     ids = torch.randint(4, len(hub.LIBRISPEECH_CHARS), (5, 40), generator=torch.Generator().manual_seed(0))
     ids[:, ::3] = 0  # blanks between repeats

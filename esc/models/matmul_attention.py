@@ -2,11 +2,13 @@
 
 Attention products ``Q K^T`` and ``softmax V`` run through :class:`esc.quant.modules.MatMul`
 modules (``qk_matmul``, ``pv_matmul`` on every attention block) via a registered transformers
-attention function ``"esc_matmul"``, so :func:`esc.quant.model.quantize_model` quantizes them.
+attention function, so :func:`esc.quant.model.quantize_model` quantizes them: ``"esc_matmul"``
+for Whisper (:func:`add_matmul_modules`), ``"esc_matmul_hub"`` (the same function after folding a
+``position_bias`` into the mask) for the other hub models (:func:`enable_matmul_attention`).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -14,6 +16,7 @@ from torch import nn
 from esc.quant.modules import MatMul
 
 ATTN_IMPLEMENTATION = "esc_matmul"
+MATMUL_ATTENTION = "esc_matmul_hub"  # registered attention implementation (see enable_matmul_attention)
 
 
 def esc_matmul_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -59,3 +62,24 @@ def add_matmul_modules(model: nn.Module) -> nn.Module:
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
     return model
 
+
+def enable_matmul_attention(hf_model: nn.Module, attention_classes: Sequence[type]) -> nn.Module:
+    """Give each attention module ``qk_matmul``/``pv_matmul`` :class:`MatMul` modules and switch the
+    model to :data:`MATMUL_ATTENTION`: the offline Whisper's ``esc_matmul`` attention function
+    (:func:`esc_matmul_attention`; the products become quantization points),
+    with a ``position_bias`` (relative positions) folded into the additive mask first."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+
+    def with_bias(module, query, key, value, attention_mask, position_bias=None, **kwargs):
+        if position_bias is not None:
+            attention_mask = position_bias if attention_mask is None else attention_mask + position_bias
+        return esc_matmul_attention(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register(MATMUL_ATTENTION, with_bias)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(MATMUL_ATTENTION, eager_mask)
+    for module in hf_model.modules():
+        if isinstance(module, tuple(attention_classes)):
+            module.qk_matmul, module.pv_matmul = MatMul("qk"), MatMul("pv")
+    hf_model.set_attn_implementation(MATMUL_ATTENTION)
+    return hf_model
