@@ -22,6 +22,7 @@ from torch import nn
 from esc.calibrators.base import CalibrationData
 from esc.calibrators.minmax import MinMaxCalibrator
 from esc.data import hub as hubdata
+from esc.data.hub_open import load_split, open_dataset
 from esc.data.audio import AudioLoadError
 from esc.models import hub
 from esc.models.ctc_decoder import CTCGreedyDecoder
@@ -280,7 +281,7 @@ def test_hub_repo_loads_only_the_requested_split(local_sets, tmp_path):
     with pytest.raises(Exception, match="(?i)parquet"):
         hubdata.load_librispeech(str(repo), "clean", "validation", progress=False, cache_dir=str(tmp_path / "cache"))
     with pytest.raises(ValueError, match="no split 'train.100'"):
-        hubdata.load_split(str(repo), "clean", "train.100", cache_dir=str(tmp_path / "cache"))
+        load_split(str(repo), "clean", "train.100", cache_dir=str(tmp_path / "cache"))
 
 
 def test_esc50_loader_maps_to_audioset(local_sets):
@@ -307,10 +308,10 @@ def test_corrupt_audio_names_row_and_file(local_sets, tmp_path):
 
 def test_open_dataset_errors(local_sets, tmp_path):
     with pytest.raises(ValueError, match="no audio column 'sound'"):
-        hubdata.open_dataset(str(local_sets["librispeech"]), audio_column="sound", cache_dir=str(local_sets["cache"]))
+        open_dataset(str(local_sets["librispeech"]), audio_column="sound", cache_dir=str(local_sets["cache"]))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no audio files"):
-        hubdata.open_dataset(str(tmp_path / "empty"))
+        open_dataset(str(tmp_path / "empty"))
 
 
 # ------------------------------------------------------------------------------ tasks
@@ -420,7 +421,7 @@ def test_reproduce_offline_exits_2_with_message():
 
 
 def test_offline_hub_loads_say_what_is_needed(tmp_path):
-    code = ("from esc.models.hub import build_conformer_ctc\nfrom esc.data.hub import HubUnavailableError\n"
+    code = ("from esc.models.hub import build_conformer_ctc\nfrom esc.data.hub_access import HubUnavailableError\n"
             "from esc.data.hub import load_librispeech\n"
             "for f in (build_conformer_ctc, lambda: load_librispeech(cache_dir=%r)):\n"
             "    try:\n        f()\n    except HubUnavailableError as e:\n        print('MSG', e)\n" % str(tmp_path))

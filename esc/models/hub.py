@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from esc.core.bundle import ModelBundle
-from esc.data.hub import LOCAL_HINT, hub_access
+from esc.data.hub_access import LOCAL_HINT, hub_access
 from esc.models.ctc_decoder import CTCGreedyDecoder
 from esc.models.hub_frontends import SAMPLE_RATE, ASTFrontend, CTCFrontend
 from esc.models.matmul_attention import enable_matmul_attention
