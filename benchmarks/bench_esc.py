@@ -47,8 +47,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from esc.calibrators.base import CalibrationData
-from esc.calibrators.esc import ESCCalibrator, local_mse_scales
+from esc.calibrators.esc import ESCCalibrator
 from esc.calibrators.fitness import FitnessEvaluator
+from esc.calibrators.local_step import local_mse_scales
 from esc.quant.model import QuantSpec, quantize_model
 from esc.quant.modules import MatMul
 

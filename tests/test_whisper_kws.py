@@ -9,7 +9,8 @@ from esc.calibrators.base import CalibrationData
 from esc.calibrators.minmax import MinMaxCalibrator
 from esc.data.kws import WORDS, KWSConfig, generate_kws
 from esc.data.fetch import WeightsNotFoundError
-from esc.models.whisper import WhisperLogMel, build_whisper_tiny_random
+from esc.models.whisper import build_whisper_tiny_random
+from esc.models.whisper_frontend import WhisperLogMel
 from esc.models.whisper_kws import ClipLogMel, build_whisper_kws
 from esc.quant.model import QuantSpec, quantize_model
 from esc.tasks.kws import TINY_DATA, KeywordSpottingTask

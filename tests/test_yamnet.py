@@ -14,8 +14,9 @@ import torch
 from esc.calibrators.base import CalibrationData
 from esc.calibrators.minmax import MinMaxCalibrator
 from esc.data.fetch import WeightsNotFoundError
-from esc.models.yamnet import (SamePad2d, YAMNet, YamnetFrontend, build_yamnet, build_yamnet_tiny, float_onnx_model,
-                               hertz_to_mel, load_onnx_weights, tf_mel_matrix, yamnet_files)
+from esc.models.yamnet import SamePad2d, YAMNet, build_yamnet, build_yamnet_tiny, yamnet_files
+from esc.models.yamnet_frontend import YamnetFrontend, hertz_to_mel, tf_mel_matrix
+from esc.models.yamnet_onnx import float_onnx_model, load_onnx_weights
 from esc.quant.model import QuantSpec, quantize_model
 
 torch.set_num_threads(1)

@@ -18,21 +18,14 @@ Decoding: every loader casts the audio column to ``datasets.Audio(decode=False)`
 5.x decodes audio only through torchcodec). Formats: whatever libsndfile reads (WAV, FLAC, OGG...);
 a row that fails raises :class:`esc.data.audio.AudioLoadError` naming the row and its file.
 
-``path`` is a hub id (only the requested split is downloaded, see :func:`load_split`), a local
-checkout of a hub repository (a folder with a ``README.md`` declaring its configs), or a local
-data set: a ``save_to_disk`` folder, a ``.parquet`` / ``.arrow``
-file or a folder of them, or a folder of audio files laid out like ``audiofolder`` (class
-sub-folders become ``label``, ``metadata.csv`` adds columns such as ``text``; read by
-:func:`folder_dataset`, since datasets' own ``audiofolder`` builder needs torchcodec to encode). Tests write such small local sets shaped like the
-hub rows and run them through the same code. ``max_samples`` takes a seeded random subset (sorted,
-so the order stays the data set's).
+``path`` is a hub id or a local data set (:mod:`esc.data.hub_open`); a hub that cannot be
+reached raises :class:`esc.data.hub_access.HubUnavailableError`. ``max_samples`` takes a seeded
+random subset (sorted, so the order stays the data set's).
 """
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
-import os
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
@@ -41,42 +34,12 @@ import torch
 import torchaudio
 from tqdm import tqdm
 
-from esc.core.errors import UserError
 from esc.data.audio import AudioLoadError
-
-
-class HubUnavailableError(UserError):
-    """A hub model or data set could not be loaded (offline, or not in the local cache)."""
-
-
-LOCAL_HINT = "give a local save_pretrained directory as name_or_path"
-
-
-@contextlib.contextmanager
-def hub_access(kind: str, name_or_path: str, alternative: str = LOCAL_HINT):
-    """Turn a failed hub download (offline, no network, not cached) into a :class:`HubUnavailableError` saying what is needed.
-
-    Only ``OSError`` (what transformers, huggingface_hub and datasets raise for unreachable or
-    uncached files, ``ConnectionError`` included) is translated, and only for a name that is not
-    an existing local path.
-    """
-    try:
-        yield
-    except OSError as e:
-        if os.path.exists(name_or_path):
-            raise
-        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-        raise HubUnavailableError(
-            f"could not load the {kind} {name_or_path!r} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
-            f"It needs internet access to the Hugging Face hub once (then it is cached under $HF_HOME)"
-            f"{'; HF_HUB_OFFLINE=1 is set, so only the cache is read' if offline else ''}. "
-            f"Otherwise {alternative}.") from e
-
+from esc.data.hub_open import open_dataset
 
 log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16000
-PARQUET_REVISION = "refs/convert/parquet"  # the hub's automatic parquet export of script-based data sets
 
 #: ESC-50 category -> AudioSet display name (the names of AST-AudioSet's ``id2label`` and YAMNet's
 #: class map). Categories left out have no AudioSet class: drinking_sipping, can_opening, washing_machine.
@@ -95,143 +58,6 @@ ESC50_TO_AUDIOSET: dict[str, str] = {
     "church_bells": "Church bell", "airplane": "Fixed-wing aircraft, airplane", "fireworks": "Fireworks",
     "hand_saw": "Sawing",
 }
-
-HUB_DATASETS = {
-    "speechcommands": ("google/speech_commands", "v0.02"),
-    "librispeech_clean": ("openslr/librispeech_asr", "clean"),
-    "librispeech_other": ("openslr/librispeech_asr", "other"),
-    "esc50": ("ashraq/esc50", None),
-}
-
-
-# ------------------------------------------------------------------------------ opening
-def _pick_split(dsd, split: str, source: str):
-    """One split of a ``DatasetDict`` (an only split is taken whatever its name)."""
-    from datasets import DatasetDict
-
-    if not isinstance(dsd, DatasetDict):
-        return dsd
-    if split in dsd:
-        return dsd[split]
-    if len(dsd) == 1:
-        only = next(iter(dsd))
-        log.info("%s has one split (%s); using it for %r", source, only, split)
-        return dsd[only]
-    raise ValueError(f"{source} has no split {split!r}; it has {sorted(dsd)}")
-
-
-def _local_files(root: Path, suffix: str, split: str) -> list[str]:
-    files = sorted(root.rglob(f"*{suffix}")) if root.is_dir() else [root]
-    preferred = [f for f in files if split in f.relative_to(root).parts or f.name.startswith(split)] if root.is_dir() else []
-    return [str(f) for f in (preferred or files)]
-
-
-AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")
-
-
-def folder_dataset(root: Path, split: str = "test", audio_column: str = "audio"):
-    """A folder of audio files as a ``datasets.Dataset``, like ``audiofolder`` but without its torchcodec encoding step.
-
-    Uses ``root/<split>`` when it exists. Each file's parent folder (below that root) becomes
-    ``label``; a ``metadata.csv`` with a ``file_name`` column (relative path) adds its other columns
-    (e.g. ``text``). The audio column holds ``{"bytes": None, "path": <file>}``.
-    """
-    import csv
-
-    from datasets import Dataset
-
-    base = root / split if (root / split).is_dir() else root
-    files = sorted(f for f in base.rglob("*") if f.suffix.lower() in AUDIO_SUFFIXES)
-    if not files:
-        raise ValueError(f"no audio files ({', '.join(AUDIO_SUFFIXES)}) under {base}")
-    columns: dict[str, list] = {audio_column: [{"bytes": None, "path": str(f)} for f in files]}
-    parents = [f.parent.relative_to(base).as_posix() for f in files]
-    if any(p != "." for p in parents):
-        columns["label"] = [p.split("/")[-1] for p in parents]
-    meta_files = list(base.rglob("metadata.csv"))
-    if meta_files:
-        meta = {}
-        for mf in meta_files:
-            with open(mf, newline="") as fh:
-                for row in csv.DictReader(fh):
-                    meta[(mf.parent / row.pop("file_name")).resolve()] = row
-        keys = sorted({k for row in meta.values() for k in row})
-        for k in keys:
-            columns[k] = [meta.get(f.resolve(), {}).get(k) for f in files]
-    return Dataset.from_dict(columns)
-
-
-def load_split(path: str, name: Optional[str], split: str, revision: Optional[str] = None,
-               cache_dir: Optional[str] = None, revisions: Optional[dict[str, str]] = None):
-    """One split of a hub data set, downloading only that split's files.
-
-    ``revisions``, when given, gets ``{path: commit}``: the commit ``revision`` resolved to (the
-    builder's hash: the hub commit, or offline the cached one), for a hub id (not a local folder).
-
-    ``datasets.load_dataset(path, name, split=...)`` downloads and prepares *every* split of the
-    config (LibriSpeech ``clean`` would fetch 30 GB of training audio to read the 350 MB test
-    set). For parquet/arrow repositories this reads the config's file list with
-    ``load_dataset_builder`` and loads only ``split``'s files with the packaged builder and the
-    repository's features; other repositories fall back to ``load_dataset``.
-    """
-    import datasets
-
-    builder = datasets.load_dataset_builder(path, name, revision=revision, cache_dir=cache_dir)
-    if revisions is not None and not Path(path).expanduser().exists():
-        revisions[path] = builder.hash
-    data_files = getattr(builder.config, "data_files", None) or {}
-    kind = type(builder).__module__.rsplit(".", 1)[-1]
-    if kind in ("parquet", "arrow") and split in data_files and len(data_files) > 1:
-        log.info("%s: loading only the %r split (%d files)", path, split, len(data_files[split]))
-        return datasets.load_dataset(kind, data_files={split: list(data_files[split])}, split=split,
-                                     features=builder.info.features, cache_dir=cache_dir)
-    if data_files and split not in data_files:
-        raise ValueError(f"{path} ({name or 'default'}) has no split {split!r}; it has {sorted(data_files)}")
-    return datasets.load_dataset(path, name, split=split, revision=revision, cache_dir=cache_dir)
-
-
-def open_dataset(path: str, name: Optional[str] = None, split: str = "test", revision: Optional[str] = None,
-                 cache_dir: Optional[str] = None, audio_column: str = "audio", revisions: Optional[dict[str, str]] = None):
-    """A ``datasets.Dataset`` (one split) whose ``audio_column`` is ``Audio(decode=False)``.
-
-    ``path`` is a hub id (``name`` = config, ``revision`` = branch, tag or commit; a script-based hub
-    data set is retried on its ``refs/convert/parquet`` export) or a local data set (see the module
-    docstring). ``revisions`` records the resolved commit of a hub id (:func:`load_split`).
-    """
-    import datasets
-    from datasets import Audio
-
-    local = Path(path).expanduser()
-    repo_like = local.is_dir() and (local / "README.md").is_file()  # a hub repository checked out locally
-    if local.exists() and not repo_like:
-        if local.is_dir() and ((local / "dataset_info.json").is_file() or (local / "dataset_dict.json").is_file()
-                               or (local / "state.json").is_file()):
-            ds = _pick_split(datasets.load_from_disk(str(local)), split, str(local))
-        elif (local.is_file() and local.suffix == ".parquet") or (local.is_dir() and any(local.rglob("*.parquet"))):
-            ds = datasets.load_dataset("parquet", data_files=_local_files(local, ".parquet", split), split="train",
-                                       cache_dir=cache_dir)
-        elif (local.is_file() and local.suffix == ".arrow") or (local.is_dir() and any(local.rglob("*.arrow"))):
-            ds = datasets.load_dataset("arrow", data_files=_local_files(local, ".arrow", split), split="train",
-                                       cache_dir=cache_dir)
-        elif local.is_dir():
-            ds = folder_dataset(local, split, audio_column)
-        else:
-            raise ValueError(f"{local} is neither a data set folder nor a .parquet/.arrow file")
-    else:
-
-        where = f"{path}{'/' + name if name else ''}[{split}]"
-        with hub_access("data set", where, "give path: a local copy (parquet / arrow files, a save_to_disk folder, "
-                                           "or a folder of audio files)"):
-            try:
-                ds = load_split(path, name, split, revision, cache_dir, revisions)
-            except RuntimeError as e:
-                if "scripts are no longer supported" not in str(e) or revision is not None:
-                    raise
-                log.info("%s is script-based; loading its parquet export (%s)", path, PARQUET_REVISION)
-                ds = load_split(path, name, split, PARQUET_REVISION, cache_dir, revisions)
-    if audio_column not in ds.column_names:
-        raise ValueError(f"data set {path} has no audio column {audio_column!r}; its columns are {ds.column_names}")
-    return ds.cast_column(audio_column, Audio(decode=False))
 
 
 def subset_indices(n: int, max_samples: Optional[int], seed: int = 0) -> np.ndarray:
@@ -327,7 +153,7 @@ def load_speech_commands(path: str = "google/speech_commands", name: Optional[st
 
     Rows whose label is not in ``words`` (``_silence_``) are dropped before ``max_samples`` is drawn.
     ``voice_ids`` index ``voices`` (the ``speaker_id`` column, or one ``unknown`` voice). ``revisions``
-    gets the resolved commit of a hub data set (:func:`load_split`), as in every loader here; with a
+    gets the resolved commit of a hub data set (:func:`esc.data.hub_open.load_split`), as in every loader here; with a
     ``skipped`` list, undecodable rows are left out and their messages appended (else they raise).
     """
     from esc.data.kws import WORDS, KWSSplit

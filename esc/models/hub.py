@@ -15,15 +15,15 @@ config, with no download, for tests; ``config_overrides`` change fields of the t
   encoder (rotary position embeddings, convolution modules) and has a ``transformers`` loader,
   so it needs neither NeMo nor SpeechBrain.
 * :func:`build_whisper_hub`: ``openai/whisper-base`` (``WhisperForConditionalGeneration``), with
-  the offline Whisper's front end (:class:`esc.models.whisper.WhisperLogMel`), attention
-  ``MatMul`` modules (:func:`esc.models.whisper.add_matmul_modules`) and decoding settings
-  (:func:`esc.models.whisper.decoding_extras`), so :class:`esc.tasks.asr.ASRTask` drives it
+  the offline Whisper's front end (:class:`esc.models.whisper_frontend.WhisperLogMel`), attention
+  ``MatMul`` modules (:func:`esc.models.matmul_attention.add_matmul_modules`) and decoding settings
+  (:func:`esc.models.whisper_tokenizer.decoding_extras`), so :class:`esc.tasks.asr.ASRTask` drives it
   exactly like the offline Whisper.
 
 The quantized network (``bundle.model``) takes front-end features and returns a logits tensor
 with the batch on dim 0: :class:`LogitsAdapter` wraps the HF model and returns ``.logits``
-(classifiers ``[B, classes]``, CTC ``[B, frames, vocab]``). The front ends are float and
-batched: waveforms ``[B, samples]`` float at 16 kHz in.
+(classifiers ``[B, classes]``, CTC ``[B, frames, vocab]``). The front ends
+(:mod:`esc.models.hub_frontends`) are float and batched: waveforms ``[B, samples]`` float at 16 kHz in.
 
 Quantization points: :func:`esc.quant.model.quantize_model` swaps ``nn.Linear``, ``nn.Conv1d``,
 ``nn.Conv2d`` and ``nn.LayerNorm``. HF attention computes ``Q K^T`` and ``softmax V`` with
@@ -31,18 +31,17 @@ Quantization points: :func:`esc.quant.model.quantize_model` swaps ``nn.Linear``,
 Linear/Conv layers and the outputs of LayerNorms are quantization points on these models**; the
 attention products stay float. ``matmul_attention=True`` (AST, wav2vec2, Conformer) routes the
 two attention products through :class:`esc.quant.modules.MatMul` modules with the offline
-Whisper's registered ``esc_matmul`` attention function, making them quantization points too
+Whisper's registered ``esc_matmul`` attention function (:mod:`esc.models.matmul_attention`), making them quantization points too
 (Whisper always uses it). Modules that are not plain ``nn.Conv1d`` (wav2vec2's weight-normed
 positional convolution is a parametrized subclass) and GroupNorm / BatchNorm stay float.
 
-CTC decoding: :class:`CTCGreedyDecoder` (argmax per frame, merge repeats, drop the blank, the
+CTC decoding: :class:`~esc.models.ctc_decoder.CTCGreedyDecoder` (argmax per frame, merge repeats, drop the blank, the
 word delimiter ``|`` becomes a space, other special tokens are dropped) built from the
 tokenizer's vocabulary, in ``bundle.extras["decode"]`` (``decode(logits, lengths=None) ->
 list[str]``); ``extras["output_lengths"]`` maps input sample counts to logit frames.
 """
 from __future__ import annotations
 
-import logging
 import os
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -50,12 +49,11 @@ import torch
 from torch import nn
 
 from esc.core.bundle import ModelBundle
-from esc.data.hub import LOCAL_HINT, hub_access
+from esc.data.hub_access import LOCAL_HINT, hub_access
+from esc.models.ctc_decoder import CTCGreedyDecoder
+from esc.models.hub_frontends import SAMPLE_RATE, ASTFrontend, CTCFrontend
+from esc.models.matmul_attention import enable_matmul_attention
 
-log = logging.getLogger(__name__)
-
-SAMPLE_RATE = 16000
-MATMUL_ATTENTION = "esc_matmul_hub"  # registered attention implementation (see enable_matmul_attention)
 HUB_IDS = {
     "ast_speechcommands": "MIT/ast-finetuned-speech-commands-v2",
     "ast_audioset": "MIT/ast-finetuned-audioset-10-10-0.4593",
@@ -112,153 +110,11 @@ class LogitsAdapter(nn.Module):
         return logits.sigmoid() if self.activation == "sigmoid" else logits
 
 
-class ASTFrontend(nn.Module):
-    """``ASTFeatureExtractor`` batched: ``[B, samples]`` at 16 kHz -> ``[B, max_length, num_mel_bins]``.
-
-    Kaldi fbank (25 ms Hann... as the extractor defines it), padded/cropped to ``max_length``
-    frames, normalised with the extractor's dataset ``mean``/``std`` (``(x - mean) / (2 std)``).
-    """
-
-    def __init__(self, feature_extractor, sample_rate: int = SAMPLE_RATE) -> None:
-        super().__init__()
-        self.fe = feature_extractor
-        self.sample_rate = sample_rate
-
-    @torch.no_grad()
-    def forward(self, wav: torch.Tensor) -> torch.Tensor:
-        wav = _as_batch(wav)
-        out = self.fe([w.numpy() for w in wav], sampling_rate=self.sample_rate, return_tensors="pt")
-        return out["input_values"].float()
-
-
-def valid_lengths(wav: torch.Tensor) -> torch.Tensor:
-    """Per row, the index after the last non-zero sample (trailing exact zeros count as padding)."""
-    nz = wav != 0
-    idx = torch.arange(1, wav.shape[1] + 1, device=wav.device).expand_as(wav)
-    return torch.where(nz, idx, torch.zeros_like(idx)).amax(dim=1)
-
-
-class CTCFrontend(nn.Module):
-    """wav2vec2-style front end: per-utterance zero-mean unit-variance normalisation, batched.
-
-    ``[B, samples]`` -> ``{"input_values": [B, samples], "attention_mask": [B, samples]}`` (the mask
-    only if ``attention_mask=True``, i.e. the checkpoint's feature extractor has
-    ``return_attention_mask``). Rows shorter than the batch width must be zero-padded at the end:
-    each row's length is taken as the position of its last non-zero sample (:func:`valid_lengths`),
-    statistics use only that part (``(x - mean) / sqrt(var + eps)``, as
-    ``Wav2Vec2FeatureExtractor.zero_mean_unit_var_norm``) and the padding stays 0. Without a mask
-    (wav2vec2-base, group-norm feature encoder) the output is the tensor alone, as HF recommends
-    for those checkpoints.
-    """
-
-    def __init__(self, do_normalize: bool = True, attention_mask: bool = False, eps: float = 1e-7) -> None:
-        super().__init__()
-        self.do_normalize, self.attention_mask, self.eps = do_normalize, attention_mask, eps
-
-    @torch.no_grad()
-    def forward(self, wav: torch.Tensor):
-        wav = _as_batch(wav)
-        lengths = valid_lengths(wav).clamp(min=1)
-        mask = (torch.arange(wav.shape[1])[None, :] < lengths[:, None])
-        x = wav
-        if self.do_normalize:
-            n = lengths[:, None].float()
-            mean = (wav * mask).sum(1, keepdim=True) / n
-            var = (((wav - mean) * mask) ** 2).sum(1, keepdim=True) / n
-            x = (wav - mean) / torch.sqrt(var + self.eps) * mask
-        if self.attention_mask:
-            return {"input_values": x, "attention_mask": mask.long()}
-        return x
-
-
-def _as_batch(wav) -> torch.Tensor:
-    wav = torch.as_tensor(wav, dtype=torch.float32)
-    if wav.dim() == 1:
-        wav = wav[None]
-    if wav.dim() != 2:
-        raise ValueError(f"the front end expects waveforms [B, samples], got shape {tuple(wav.shape)}")
-    return wav
-
-
-# ------------------------------------------------------------------------------ CTC decoding
-class CTCGreedyDecoder:
-    """Greedy CTC decoding: argmax per frame, merge repeats, drop ``blank_id``, map ids to tokens.
-
-    The ``word_delimiter`` token becomes a space, tokens in ``drop`` (the tokenizer's special
-    tokens: ``<s>``, ``</s>``, ``<unk>``, ``<pad>``) are removed, runs of spaces are merged and the
-    text is stripped (what ``Wav2Vec2CTCTokenizer.batch_decode`` gives, less ``<unk>``).
-    """
-
-    def __init__(self, vocab: Sequence[str], blank_id: int = 0, word_delimiter: str = "|",
-                 drop: Sequence[str] = ("<s>", "</s>", "<unk>", "<pad>")) -> None:
-        self.vocab = list(vocab)
-        if not 0 <= blank_id < len(self.vocab):
-            raise ValueError(f"blank_id={blank_id} is outside the vocabulary of {len(self.vocab)} tokens")
-        self.blank_id, self.word_delimiter, self.drop = blank_id, word_delimiter, set(drop)
-
-    @classmethod
-    def from_tokenizer(cls, tokenizer) -> "CTCGreedyDecoder":
-        """From a ``Wav2Vec2CTCTokenizer`` (its vocabulary, pad token = blank, word delimiter, special tokens)."""
-        vocab = tokenizer.get_vocab()
-        inv = [""] * (max(vocab.values()) + 1)
-        for tok, i in vocab.items():
-            inv[i] = tok
-        drop = {t for t in (tokenizer.bos_token, tokenizer.eos_token, tokenizer.unk_token, tokenizer.pad_token) if t}
-        return cls(inv, int(tokenizer.pad_token_id), getattr(tokenizer, "word_delimiter_token", "|") or "|", tuple(drop))
-
-    def decode_ids(self, ids: Sequence[int]) -> str:
-        """Text of one frame-level id sequence."""
-        out, prev = [], None
-        for i in ids:
-            i = int(i)
-            if i != prev and i != self.blank_id:
-                tok = self.vocab[i]
-                if tok == self.word_delimiter:
-                    out.append(" ")
-                elif tok not in self.drop:
-                    out.append(tok)
-            prev = i
-        return " ".join("".join(out).split())
-
-    def __call__(self, logits: torch.Tensor, lengths: Optional[Sequence[int]] = None) -> list[str]:
-        """Texts of ``logits`` ``[B, frames, vocab]``; ``lengths`` (frames per row) trims the padding."""
-        if logits.dim() != 3:
-            raise ValueError(f"CTC logits must be [B, frames, vocab], got shape {tuple(logits.shape)}")
-        ids = logits.argmax(dim=-1).cpu()
-        n = [ids.shape[1]] * ids.shape[0] if lengths is None else [int(x) for x in lengths]
-        return [self.decode_ids(row[:k].tolist()) for row, k in zip(ids, n)]
-
-
 # ------------------------------------------------------------------------------ helpers
 def _seeded(seed: int, fn: Callable[[], nn.Module]) -> nn.Module:
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         return fn()
-
-
-def enable_matmul_attention(hf_model: nn.Module, attention_classes: Sequence[type]) -> nn.Module:
-    """Give each attention module ``qk_matmul``/``pv_matmul`` :class:`MatMul` modules and switch the
-    model to :data:`MATMUL_ATTENTION`: the offline Whisper's ``esc_matmul`` attention function
-    (:func:`esc.models.whisper.esc_matmul_attention`; the products become quantization points),
-    with a ``position_bias`` (relative positions) folded into the additive mask first."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
-
-    from esc.models import whisper
-    from esc.quant.modules import MatMul
-
-    def with_bias(module, query, key, value, attention_mask, position_bias=None, **kwargs):
-        if position_bias is not None:
-            attention_mask = position_bias if attention_mask is None else attention_mask + position_bias
-        return whisper.esc_matmul_attention(module, query, key, value, attention_mask, **kwargs)
-
-    AttentionInterface.register(MATMUL_ATTENTION, with_bias)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(MATMUL_ATTENTION, eager_mask)
-    for module in hf_model.modules():
-        if isinstance(module, tuple(attention_classes)):
-            module.qk_matmul, module.pv_matmul = MatMul("qk"), MatMul("pv")
-    hf_model.set_attn_implementation(MATMUL_ATTENTION)
-    return hf_model
 
 
 def pinned_revision(name_or_path: str, revision: Optional[str], cache_dir: Optional[str]) -> tuple[Optional[str], dict[str, str]]:
@@ -435,24 +291,27 @@ def build_whisper_hub(name_or_path: str = HUB_IDS["whisper_base_hub"], tiny: boo
     """Whisper from the hub (``openai/whisper-base``), driven like the offline Whisper.
 
     The model is ``WhisperForConditionalGeneration`` (float32) with ``MatMul`` attention
-    (:func:`esc.models.whisper.add_matmul_modules`); front end :class:`~esc.models.whisper.WhisperLogMel`;
-    ``extras`` from :func:`~esc.models.whisper.decoding_extras` (the fast tokenizer's
+    (:func:`esc.models.matmul_attention.add_matmul_modules`); front end :class:`~esc.models.whisper_frontend.WhisperLogMel`;
+    ``extras`` from :func:`~esc.models.whisper_tokenizer.decoding_extras` (the fast tokenizer's
     ``tokenizers.Tokenizer``, the English transcribe prompt, ``suppress_tokens`` /
     ``begin_suppress_tokens`` of the generation config), so :class:`esc.tasks.asr.ASRTask` decodes it.
 
     Args:
         tiny: random weights on a tiny ``WhisperConfig`` with the offline byte-level test tokenizer
-            (:func:`esc.models.whisper.char_tokenizer`); no download.
+            (:func:`esc.models.whisper_tokenizer.char_tokenizer`); no download.
         encoder_frames: shorter encoder window in mel frames (even; the positional embeddings are
-            sliced as in :func:`esc.models.whisper.whisper_from_ct2`); ``None`` keeps 3000 (tiny: 3000).
+            sliced as in :func:`esc.models.whisper_ct2.whisper_from_ct2`); ``None`` keeps 3000 (tiny: 3000).
         revision: hub branch, tag or commit, recorded as in :func:`build_ast_speechcommands`.
     """
     from transformers import WhisperConfig, WhisperForConditionalGeneration
 
-    from esc.models import whisper
+    from esc.models.matmul_attention import add_matmul_modules
+    from esc.models.whisper import WHISPER_PREFIX_MODULES
+    from esc.models.whisper_frontend import WhisperLogMel
+    from esc.models.whisper_tokenizer import char_tokenizer, decoding_extras
 
     if tiny:
-        tok = whisper.char_tokenizer()
+        tok = char_tokenizer()
         eot, sot = tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|startoftranscript|>")
         spec = dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
                     encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=80, max_source_positions=1500,
@@ -484,15 +343,11 @@ def build_whisper_hub(name_or_path: str = HUB_IDS["whisper_base_hub"], tiny: boo
         pos.weight.data = pos.weight.data[: encoder_frames // 2].clone()
         pos.num_embeddings = encoder_frames // 2
         hf.config.max_source_positions = encoder_frames // 2
-    whisper.add_matmul_modules(hf)
+    add_matmul_modules(hf)
     frames = 2 * hf.config.max_source_positions
-    extras = whisper.decoding_extras(tok, suppress, suppress_begin, max_new_tokens)
+    extras = decoding_extras(tok, suppress, suppress_begin, max_new_tokens)
     extras.update(encoder_frames=frames, hub_id=hub_id)
-    frontend = whisper.WhisperLogMel(n_mels=hf.config.num_mel_bins, frames=frames)
+    frontend = WhisperLogMel(n_mels=hf.config.num_mel_bins, frames=frames)
     return ModelBundle(name=name, model=_finish(hf), frontend=frontend, sample_rate=SAMPLE_RATE, extras=extras,
-                       head=("proj_out",), prefix_modules=whisper.WHISPER_PREFIX_MODULES, revisions=revisions)
+                       head=("proj_out",), prefix_modules=WHISPER_PREFIX_MODULES, revisions=revisions)
 
-
-BUILDERS = {"ast_speechcommands": build_ast_speechcommands, "ast_audioset": build_ast_audioset,
-            "wav2vec2_base_960h": build_wav2vec2_ctc, "conformer_ctc": build_conformer_ctc,
-            "whisper_base_hub": build_whisper_hub}

@@ -4,7 +4,7 @@ Architecture (:class:`WhisperKWS`):
 
 * front end (:class:`ClipLogMel`, float, never quantized): the waveform is trimmed/zero-padded to
   ``encoder_frames * 160`` samples (1 s for the default 100 frames), then Whisper's log-mel
-  (:class:`esc.models.whisper.WhisperLogMel`) of that clip is cut to ``encoder_frames`` frames.
+  (:class:`esc.models.whisper_frontend.WhisperLogMel`) of that clip is cut to ``encoder_frames`` frames.
   The log-mel pads the clip to ``chunk_seconds`` (default 2 s) instead of 30 s: on a clip of at
   most ``chunk_seconds - 1`` s the first ``encoder_frames`` frames, and the per-clip peak the
   ``max - 8`` floor uses, are the same as with the 30 s padding (the extra padding is zeros,
@@ -32,7 +32,8 @@ from torch import nn
 from esc.models import checkpoint as checkpoint_io
 from esc.core.bundle import ModelBundle
 from esc.models.checkpoint import MAKE_TARGET
-from esc.models.whisper import WhisperLogMel, build_whisper, build_whisper_tiny_random
+from esc.models.whisper import build_whisper, build_whisper_tiny_random
+from esc.models.whisper_frontend import WhisperLogMel
 
 log = logging.getLogger(__name__)
 

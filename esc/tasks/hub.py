@@ -14,7 +14,7 @@ Each class subclasses an offline task and only changes where the data comes from
   downloads; set ``train_split: train.100`` (config ``clean``; ``train.500`` for ``other``) for the paper's "training split").
 * :class:`CTCASRTask` (any :class:`esc.tasks.asr.ASRTask` data; CTC models) and
   :class:`HubCTCASRTask` (LibriSpeech + CTC): greedy CTC decoding through
-  ``bundle.extras["decode"]`` (:class:`esc.models.hub.CTCGreedyDecoder`), the same WER/CER,
+  ``bundle.extras["decode"]`` (:class:`esc.models.ctc_decoder.CTCGreedyDecoder`), the same WER/CER,
   normaliser and per-sample counts as the Whisper task. Calibration loss: per-utterance CTC loss
   (``torch.nn.functional.ctc_loss``, blank = ``extras["blank_id"]``, ``zero_infinity=True``)
   of the model's log-softmax against the FP32 model's greedy CTC labels (pseudo-labels, computed
