@@ -215,6 +215,21 @@ def test_ctc_decoder_matches_the_hf_tokenizer(tmp_path):
         assert dec.decode_ids(row) == " ".join(tok.decode(row).split())
 
 
+def test_ctc_task_keeps_doubled_letters():
+    """Frames h e l <blank> l o -> labels h e l l o -> "hello" (the task's collapse then text; decoding the
+    collapsed labels with a second repeat merge gave "helo")."""
+    from esc.tasks.hub import CTCASRTask
+
+    chars = ["<pad>", "|", "h", "e", "l", "o"]
+    task = CTCASRTask(data_dir=None)
+    task.extras = {"decode": CTCGreedyDecoder(chars, blank_id=0)}
+    frames = [2, 2, 3, 4, 0, 4, 4, 5, 1, 2, 5, 5]  # h h e l _ l l o | h o o
+    logits = torch.nn.functional.one_hot(torch.tensor([frames]), len(chars)).float()
+    (labels,) = task.collapse(logits, [len(frames)])
+    assert labels == [2, 3, 4, 4, 5, 1, 2, 5]
+    assert task.decode_text(labels) == "hello ho" == task.extras["decode"].decode_ids(frames)
+
+
 def test_whisper_hub_tiny_decodes_and_quantizes():
     from esc.tasks.asr import greedy_decode, teacher_forced_logits, teacher_forcing_batch
 

@@ -31,19 +31,26 @@ class CTCGreedyDecoder:
         drop = {t for t in (tokenizer.bos_token, tokenizer.eos_token, tokenizer.unk_token, tokenizer.pad_token) if t}
         return cls(inv, int(tokenizer.pad_token_id), getattr(tokenizer, "word_delimiter_token", "|") or "|", tuple(drop))
 
+    def collapse(self, ids: Sequence[int]) -> list[int]:
+        """The label sequence of frame-level ``ids``: repeats merged, then ``blank_id`` dropped (so a blank
+        between two equal labels keeps both)."""
+        ids = [int(i) for i in ids]
+        return [t for k, t in enumerate(ids) if t != self.blank_id and (k == 0 or t != ids[k - 1])]
+
+    def text(self, labels: Sequence[int]) -> str:
+        """Text of a collapsed label sequence (:meth:`collapse`); equal neighbours are kept (``l l`` -> ``ll``)."""
+        out = []
+        for i in labels:
+            tok = self.vocab[int(i)]
+            if tok == self.word_delimiter:
+                out.append(" ")
+            elif tok not in self.drop:
+                out.append(tok)
+        return " ".join("".join(out).split())
+
     def decode_ids(self, ids: Sequence[int]) -> str:
         """Text of one frame-level id sequence."""
-        out, prev = [], None
-        for i in ids:
-            i = int(i)
-            if i != prev and i != self.blank_id:
-                tok = self.vocab[i]
-                if tok == self.word_delimiter:
-                    out.append(" ")
-                elif tok not in self.drop:
-                    out.append(tok)
-            prev = i
-        return " ".join("".join(out).split())
+        return self.text(self.collapse(ids))
 
     def __call__(self, logits: torch.Tensor, lengths: Optional[Sequence[int]] = None) -> list[str]:
         """Texts of ``logits`` ``[B, frames, vocab]``; ``lengths`` (frames per row) trims the padding."""

@@ -224,11 +224,8 @@ class CTCASRTask(ASRTask):
 
     def collapse(self, logits: torch.Tensor, lengths: Sequence[int]) -> list[list[int]]:
         """Greedy CTC label sequences of ``logits`` ``[B, T, V]`` (first ``lengths`` frames)."""
-        blank, out = int(self.extras["blank_id"]), []
-        for row, n in zip(logits.argmax(-1).cpu(), lengths):
-            ids = row[: int(n)].tolist()
-            out.append([t for k, t in enumerate(ids) if t != blank and (k == 0 or t != ids[k - 1])])
-        return out
+        decoder = self.extras["decode"]
+        return [decoder.collapse(row[: int(n)].tolist()) for row, n in zip(logits.argmax(-1).cpu(), lengths)]
 
     def transcribe(self, model: nn.Module, features: CTCFeatures) -> list[list[int]]:
         """Collapsed CTC label ids of every clip of ``features`` (in clip order)."""
@@ -242,7 +239,7 @@ class CTCASRTask(ASRTask):
 
     def decode_text(self, tokens: Sequence[int]) -> str:
         """Text of collapsed CTC ids (word delimiter -> space, special tokens dropped)."""
-        return self.extras["decode"].decode_ids(tokens)
+        return self.extras["decode"].text(tokens)
 
     def calibration_data(self, num_samples: int, seed: int) -> CalibrationData:
         """``num_samples`` training clips (drawn with ``seed``) with the FP32 model's CTC transcripts as targets."""
