@@ -461,3 +461,19 @@ def test_reproduce_checks(monkeypatch, tmp_path):
     assert "GB free under" in problems[1] and str(tmp_path / "hf") in problems[1]
     assert reproduce.missing_requirements(timeout=1.0, min_free_gb=0.0, allow_offline=True) == []
     assert reproduce.main(["--timeout", "1", "--min-free-gb", "0", "--check-only"]) == 2
+
+
+@pytest.mark.parametrize("task_class,extras,message", [
+    ("CTCASRTask", {"prompt_ids": [1], "eos_id": 2, "tokenizer": None}, "is not a CTC model.*HubASRTask"),
+    ("ASRTask", {"decode": None, "output_lengths": None, "blank_id": 0}, "is not a Whisper-style model.*HubCTCASRTask"),
+])
+def test_asr_task_and_model_decoder_mismatch_names_the_fix(task_class, extras, message):
+    """task=librispeech_clean (CTC) with Whisper, or a Whisper ASR task with a CTC model: one sentence with the fix."""
+    from esc.core.bundle import ModelBundle
+    from esc.core.errors import UserError
+    from esc.tasks import asr, hub as hubtasks
+
+    cls = getattr(hubtasks, task_class, None) or getattr(asr, task_class)
+    bundle = ModelBundle("m", nn.Identity(), lambda w: w, extras=extras)
+    with pytest.raises(UserError, match=message):
+        cls(data_dir=None).prepare(bundle)

@@ -42,6 +42,7 @@ from torch import nn
 from esc.calibrators.base import CalibrationData
 from esc.data.asr import DEFAULT_ESPEAK_VOICES, Clip, clips_hash, make_clips
 from esc.core.bundle import ModelBundle
+from esc.core.errors import UserError
 from esc.tasks.base import Task, require_finite
 
 log = logging.getLogger(__name__)
@@ -239,8 +240,9 @@ class ASRTask(Task):
         """Synthesise (or load) both splits and cache the test split's front-end features."""
         for key in ("tokenizer", "prompt_ids", "eos_id"):
             if key not in bundle.extras:
-                raise ValueError(f"model bundle {bundle.name!r} lacks extras[{key!r}]; ASRTask needs a Whisper-style "
-                                 "bundle (esc.models.whisper.build_whisper)")
+                raise UserError(f"model {bundle.name!r} is not a Whisper-style model (its bundle lacks extras[{key!r}]), "
+                                f"but task {self.name} decodes with Whisper's decoder; for a CTC model use "
+                                "task._target_=esc.tasks.hub.HubCTCASRTask (the asr_wav2vec2_* / asr_conformer_* pairs do)")
         self.bundle = bundle
         self.extras = bundle.extras
         self.test_clips = self._split("test")

@@ -41,6 +41,7 @@ from esc.calibrators.base import CalibrationData
 from esc.data import hub as hubdata
 from esc.data.asr import clips_hash
 from esc.core.bundle import ModelBundle
+from esc.core.errors import UserError
 from esc.tasks.asr import ASRTask, _pad
 from esc.tasks.kws import KeywordSpottingTask
 from esc.tasks.tagging import AudioTaggingTask
@@ -211,8 +212,9 @@ class CTCASRTask(ASRTask):
         """Load both splits and cache the test split's front-end features in padded batches."""
         for key in ("decode", "output_lengths", "blank_id"):
             if key not in bundle.extras:
-                raise ValueError(f"model bundle {bundle.name!r} lacks extras[{key!r}]; CTCASRTask needs a CTC bundle "
-                                 "(esc.models.hub.build_wav2vec2_ctc / build_conformer_ctc)")
+                raise UserError(f"model {bundle.name!r} is not a CTC model (its bundle lacks extras[{key!r}]), but task "
+                                f"{self.name} decodes with greedy CTC; for Whisper use task._target_=esc.tasks.hub.HubASRTask "
+                                "(+pair=asr_whisper_clean / asr_whisper_other do)")
         self.bundle, self.extras = bundle, bundle.extras
         self.test_clips, self.train_clips = self._split("test"), self._split("train")
         self.check_clips()
