@@ -20,6 +20,9 @@
 * ``failed.md``: the runs whose row is an error (when there are any);
 * ``asr_loops.md`` (ASR rows): corpus WER next to the looping hypotheses, WER without them and
   the median per-utterance WER;
+* ``esc_timings.md`` (ESC rows that record ``calib_timings``): local step, seconds per generation,
+  one FP32 pass over the calibration set, and the two ratios ESC's cost is judged by (a generation
+  over population x FP32 passes; the local step in generations);
 
 Rows that share model, task, precision, calibrator, PTQ method and seed but differ in another
 setting (an ablation's ``calibrator.generations``, a smaller ``calibration.num_samples``) are told
@@ -264,6 +267,24 @@ def pair_table(rows: list[dict], rows_dir: Path, n_boot: int = 1000, axis: str =
     return pd.DataFrame(out, columns=[*fixed, "metric", "compared", "value", "versus", "diff", "lo", "hi", "significant"])
 
 
+def esc_timings(rows: list[dict]) -> pd.DataFrame:
+    """One line per ESC row with ``calib_timings``: its stages in seconds and the ratios
+    ``generation / (popsize x FP32 pass)`` and ``local step / generation``."""
+    lines = []
+    for r in rows:
+        t = r.get("calib_timings") or {}
+        if r.get("status") != "ok" or not t.get("seconds_per_generation"):
+            continue
+        gen, fp32 = t["seconds_per_generation"], t.get("fp32_pass", 0.0)
+        lines.append({"model": r["model"], "precision": r["precision"], "scope": row_scope(r), "seed": r["seed"],
+                      "generations run": int(t["generations_run"]), "popsize": int(t["popsize"]),
+                      "local step s": round(t["local"], 1), "s / generation": round(gen, 2), "FP32 pass s": round(fp32, 3),
+                      "generation / (popsize x FP32 pass)": round(gen / (t["popsize"] * fp32), 2) if fp32 else float("nan"),
+                      "local step / generation": round(t["local"] / gen, 2),
+                      "bare forward share": round(t["forward"] / t["fitness"], 3) if t.get("fitness") else float("nan")})
+    return pd.DataFrame(lines)
+
+
 def write_pairs(pairs: pd.DataFrame, out: Path, name: str = "pairs") -> None:
     """Write ``<name>.csv`` and ``<name>.md`` (differences with 95% intervals; n.s. when 0 is inside)."""
     pairs.to_csv(out / f"{name}.csv", index=False, float_format="%.6g")
@@ -331,6 +352,9 @@ def build_report(rows_dir: Path, out: Path, allow_dirty: bool = True) -> pd.Data
     plot_fitness(rows, out)
     write_pairs(pair_table(rows, rows_dir), out)
     (out / "provenance.md").write_text(provenance_line(rows) + "\n")
+    if not (timings := esc_timings(rows)).empty:
+        (out / "esc_timings.md").write_text("ESC's cost per stage (wall seconds on the machine that made each row)\n\n"
+                                            + markdown(timings))
     failed = [r for r in rows if r.get("status") != "ok"]
     (out / "failed.md").unlink(missing_ok=True)
     if failed:  # listed, not only logged: a failed cell must not pass for a missing one

@@ -348,3 +348,15 @@ def test_asr_task_names_the_training_clip_with_inf_audio():
     task.test_clips, task.train_clips = task._split("test"), task._split("train")
     with pytest.raises(UserError, match="asr task: train clip 1 holds 2 NaN/Inf audio samples"):
         task.check_clips()
+
+
+def test_esc_timings_table_reads_the_ratios_from_rows():
+    from esc.report import esc_timings
+
+    timings = {"local": 60.0, "fitness": 3000.0, "forward": 2940.0, "total": 3100.0, "search_overhead": 40.0,
+               "generations_run": 100.0, "popsize": 15.0, "seconds_per_generation": 30.0, "fp32_pass": 1.6}
+    row = {"status": "ok", "model": "whisper_kws", "precision": "w8a4", "seed": 0, "scope": "paper",
+           "calib_timings": timings}
+    (line,) = esc_timings([row, {**row, "calib_timings": {}}, {"status": "error"}]).to_dict("records")
+    assert line["generation / (popsize x FP32 pass)"] == 1.25  # 30 / (15 * 1.6)
+    assert line["local step / generation"] == 2.0 and line["bare forward share"] == 0.98 and line["scope"] == "paper"
