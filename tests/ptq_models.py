@@ -98,6 +98,19 @@ def model_forward(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     return model(batch)
 
 
+def tensor_data(x: torch.Tensor, batch: int = 8) -> CalibrationData:
+    """Calibration data made of the rows of ``x``."""
+    return CalibrationData(list(x.split(batch)), model_forward)
+
+
+def correlated(n: int, t: int, c: int, seed: int, mean: float = 0.0) -> torch.Tensor:
+    """``[n, t, c]`` inputs with correlated channels, plus a per-channel offset of scale ``mean`` when it is non-zero
+    (a realistic layer input)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, t, c, generator=g) @ (torch.randn(c, c, generator=g) / c ** 0.5)
+    return x + mean * torch.randn(c, generator=g) if mean else x
+
+
 def make_data(num_clips: int = 16, batch_size: int = 8, n_mels: int = 16, frames: int = 32, seed: int = 0,
               mean: float = 0.0) -> CalibrationData:
     """Random "feature" clips (a shared per-channel offset ``mean``-scaled) as calibration batches."""

@@ -19,24 +19,12 @@ from esc.ptq.common import float_layer_forward, quantized_layers
 from esc.ptq.smoothquant import SmoothQuant
 from esc.quant.model import QuantSpec, quantize_model
 from esc.quant.quantizer import QuantizationError
-from ptq_models import OneBlock, TinyConvTransformer, make_data, max_calibrate, model_forward, tiny_yamnet
+from ptq_models import OneBlock, TinyConvTransformer, correlated, make_data, max_calibrate, model_forward, tensor_data, tiny_yamnet
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
 W4 = QuantSpec(4, True, "channel")
 A8 = QuantSpec(8, True, "tensor")
-
-
-def tensor_data(x: torch.Tensor, batch: int = 16) -> CalibrationData:
-    """Calibration data made of the rows of ``x``."""
-    return CalibrationData(list(x.split(batch)), model_forward)
-
-
-def correlated(n: int, t: int, c: int, seed: int, mean: float = 0.0) -> torch.Tensor:
-    """``[n, t, c]`` inputs with correlated channels and a per-channel offset (a realistic layer input)."""
-    g = torch.Generator().manual_seed(seed)
-    mix = torch.randn(c, c, generator=g) / c ** 0.5
-    return torch.randn(n, t, c, generator=g) @ mix + mean * torch.randn(c, generator=g)
 
 
 def on_grid(layer: nn.Module) -> bool:
@@ -93,7 +81,7 @@ def test_bias_correction_zeroes_mean_output_error(kind):
     else:
         model = nn.Sequential(nn.Conv1d(24, 12, 3, padding=1, bias=False))  # no bias: one gets added
         x = correlated(48, 10, 24, seed=1, mean=2.0).transpose(1, 2)
-    data = tensor_data(x)
+    data = tensor_data(x, batch=16)
     qmodel = quantize_model(model.eval(), QuantSpec(3, True, "channel"), A8)
     max_calibrate(qmodel, data)
     layers = quantized_layers(qmodel)
@@ -110,7 +98,7 @@ def test_bias_correction_weight_mode_is_the_classical_formula():
     """error='weight': bias shift is exactly (W_q - W) E[x] for a Linear."""
     model = nn.Sequential(nn.Linear(16, 8)).eval()
     x = correlated(32, 6, 16, seed=2, mean=1.5)
-    data = tensor_data(x)
+    data = tensor_data(x, batch=16)
     qmodel = quantize_model(model, QuantSpec(3, True, "channel"), A8)
     max_calibrate(qmodel, data)
     layer = qmodel.model[0]
@@ -217,7 +205,7 @@ def test_adaround_beats_nearest_rounding_and_lands_on_grid():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 16)).eval()
     x, x_test = correlated(128, 8, 32, seed=3).split(64)  # same distribution, disjoint samples
-    data = tensor_data(x)
+    data = tensor_data(x, batch=16)
 
     def error(qm, inp):
         with torch.no_grad():
@@ -240,7 +228,7 @@ def test_adaround_beats_nearest_rounding_and_lands_on_grid():
 def test_adaround_keeps_nearest_rounding_when_learning_makes_it_worse(keep_better):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 16)).eval()
-    data = tensor_data(correlated(64, 8, 32, seed=3))
+    data = tensor_data(correlated(64, 8, 32, seed=3), batch=16)
     qmodel = quantize_model(model, W4, None)
     nearest_w = qmodel.model[0].quantized_weight().detach().clone()
     method = AdaRound(iterations=5, lr=20.0, reg_weight=0.0, batch_size=4, keep_better=keep_better)  # a wild step size

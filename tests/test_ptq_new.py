@@ -8,7 +8,6 @@ import pytest
 import torch
 from torch import nn
 
-from esc.calibrators.base import CalibrationData
 from esc.ptq.adaround import dropped_quantization
 from esc.ptq.brecq import BRECQ, QDrop
 from esc.ptq.common import quantized_layers
@@ -17,24 +16,13 @@ from esc.ptq.rotation import QuantRotatedLinear, RotatedLinear, Rotation, random
 from esc.quant.model import QuantSpec, quantize_model
 from esc.quant.quantizer import QuantizationError, UniformQuantizer
 from models import heavy_tailed
-from ptq_models import OneBlock, TinyConvTransformer, make_data, max_calibrate, model_forward
+from ptq_models import OneBlock, TinyConvTransformer, correlated, make_data, max_calibrate, tensor_data
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
 W4 = QuantSpec(4, True, "channel")
 A4 = QuantSpec(4, True, "tensor")
 A6 = QuantSpec(6, True, "tensor")
-
-
-def tensor_data(x: torch.Tensor, batch: int = 8) -> CalibrationData:
-    """Calibration data made of the rows of ``x``."""
-    return CalibrationData(list(x.split(batch)), model_forward)
-
-
-def correlated(n: int, t: int, c: int, seed: int) -> torch.Tensor:
-    """``[n, t, c]`` inputs with correlated channels."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, t, c, generator=g) @ (torch.randn(c, c, generator=g) / c ** 0.5)
 
 
 def block_setup():

@@ -16,22 +16,11 @@ from esc.ptq.repq import RepQViT
 from esc.quant.model import QuantSpec, quantize_model
 from esc.quant.quantizer import Log2Quantizer, QuantizationError
 from esc.quant.scope import build_scope
-from ptq_models import OneBlock, TinyConvTransformer, make_data, max_calibrate, model_forward, tiny_yamnet
+from ptq_models import OneBlock, TinyConvTransformer, correlated, make_data, max_calibrate, tensor_data, tiny_yamnet
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
 W4 = QuantSpec(4, True, "channel")
-
-
-def tensor_data(x: torch.Tensor, batch: int = 8) -> CalibrationData:
-    """Calibration data made of the rows of ``x``."""
-    return CalibrationData(list(x.split(batch)), model_forward)
-
-
-def correlated(n: int, t: int, c: int, seed: int) -> torch.Tensor:
-    """``[n, t, c]`` inputs with correlated channels."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, t, c, generator=g) @ (torch.randn(c, c, generator=g) / c ** 0.5)
 
 
 def outlier_block() -> OneBlock:

@@ -115,24 +115,25 @@ def convert_ct2_whisper(ct2: CT2Model, atol_k_bias: float = 0.0) -> dict[str, to
         lin(f"{dst}.fc1", f"{src}/ffn/linear_0")
         lin(f"{dst}.fc2", f"{src}/ffn/linear_1")
 
+    def self_attention(dst: str, src: str) -> None:
+        ln(f"{dst}.self_attn_layer_norm", f"{src}/self_attention/layer_norm")
+        split(f"{dst}.self_attn", f"{src}/self_attention/linear_0", "qkv")
+        lin(f"{dst}.self_attn.out_proj", f"{src}/self_attention/linear_1")
+
     e, dd = "model.encoder", "model.decoder"
     lin(f"{e}.conv1", "encoder/conv1")
     lin(f"{e}.conv2", "encoder/conv2")
     sd[f"{e}.embed_positions.weight"] = _t(ct2["encoder/position_encodings/encodings"])
     for i in range(_num_layers(ct2, "encoder")):
         src, dst = f"encoder/layer_{i}", f"{e}.layers.{i}"
-        ln(f"{dst}.self_attn_layer_norm", f"{src}/self_attention/layer_norm")
-        split(f"{dst}.self_attn", f"{src}/self_attention/linear_0", "qkv")
-        lin(f"{dst}.self_attn.out_proj", f"{src}/self_attention/linear_1")
+        self_attention(dst, src)
         ffn(dst, src)
     ln(f"{e}.layer_norm", "encoder/layer_norm")
     sd[f"{dd}.embed_tokens.weight"] = _t(ct2["decoder/embeddings/weight"])
     sd[f"{dd}.embed_positions.weight"] = _t(ct2["decoder/position_encodings/encodings"])
     for i in range(_num_layers(ct2, "decoder")):
         src, dst = f"decoder/layer_{i}", f"{dd}.layers.{i}"
-        ln(f"{dst}.self_attn_layer_norm", f"{src}/self_attention/layer_norm")
-        split(f"{dst}.self_attn", f"{src}/self_attention/linear_0", "qkv")
-        lin(f"{dst}.self_attn.out_proj", f"{src}/self_attention/linear_1")
+        self_attention(dst, src)
         ln(f"{dst}.encoder_attn_layer_norm", f"{src}/attention/layer_norm")
         lin(f"{dst}.encoder_attn.q_proj", f"{src}/attention/linear_0")
         split(f"{dst}.encoder_attn", f"{src}/attention/linear_1", "kv")
