@@ -105,11 +105,11 @@ class ESCCalibrator(Calibrator):
     After ``calibrate``, ``timings`` holds wall seconds: ``local`` (local step), ``fitness`` (all
     fitness evaluations), ``forward`` (the model forwards inside them), ``search_overhead``
     (everything else: FP reference pass, CMA-ES, bookkeeping; with Ray actors also the population
-    evaluations, which the actors' own evaluator copies time) and ``total``;
-    ``CalibrationResult.timings`` (recorded in the result row) adds ``generations_run`` (generations
-    evaluated in this process: fewer after a resume), ``popsize``, ``seconds_per_generation`` (the
+    evaluations, which the actors' own evaluator copies time), ``total``,
+    ``generations_run`` (generations evaluated in this process: fewer after a resume), ``popsize``, ``seconds_per_generation`` (the
     search loop's wall time over ``generations_run``) and ``fp32_pass`` (one FP32 forward over the
-    calibration set, timed after the search), so ``seconds_per_generation / (popsize * fp32_pass)``
+    calibration set, timed after the search); ``CalibrationResult.timings`` (recorded in the result
+    row) is a copy, so ``seconds_per_generation / (popsize * fp32_pass)``
     is ESC's cost per generation in units of the forward passes it needs.
     """
 
@@ -258,12 +258,11 @@ class ESCCalibrator(Calibrator):
             final_scales, final_fit = self._scales(s_local, final_theta), search_fit
         qmodel.set_activation_scales(final_scales)
         seconds = time.perf_counter() - start - self._monitor_seconds
-        self.timings = dict(local=t_local, fitness=evaluator.seconds, forward=evaluator.forward_seconds, total=seconds,
-                            search_overhead=seconds - t_local - evaluator.seconds)
         run_here = self.generations - (len(saved["fitness"]) if saved else 0)  # generations evaluated in this process
-        row_timings = dict(self.timings, generations_run=float(run_here), popsize=float(popsize),
-                           seconds_per_generation=t_search / run_here if run_here else 0.0,
-                           fp32_pass=self._fp32_pass_seconds(qmodel, data))
+        self.timings = dict(local=t_local, fitness=evaluator.seconds, forward=evaluator.forward_seconds, total=seconds,
+                            search_overhead=seconds - t_local - evaluator.seconds, generations_run=float(run_here),
+                            popsize=float(popsize), seconds_per_generation=t_search / run_here if run_here else 0.0,
+                            fp32_pass=self._fp32_pass_seconds(qmodel, data))
         remote = popsize * len(history["best"]) if self.remote else 0  # counted by the actors' evaluator copies
         remote += popsize * len(saved["fitness"]) if saved else 0  # evaluated before the interruption
         local = local_passes(self.local_search, self.local_samples) if self.init == "output_mse" else 2
@@ -274,7 +273,7 @@ class ESCCalibrator(Calibrator):
             history["population_chunk"] = [float(evaluator.chunk)]
         log.info("ESC: fitness %.6g -> %.6g in %.1fs (%d candidate evaluations)", local_fit, final_fit, seconds,
                  evaluator.evaluations)
-        return CalibrationResult(seconds=seconds, forward_passes=passes, history=history, timings=row_timings)
+        return CalibrationResult(seconds=seconds, forward_passes=passes, history=history, timings=dict(self.timings))
 
     @staticmethod
     def _fp32_pass_seconds(qmodel: QuantizedModel, data: CalibrationData) -> float:
