@@ -54,10 +54,12 @@ seeds: demo-models  ## the demo's quantized cells again with calibration/ES seed
 	$(PY) -m esc.run -m +experiment=demo seed=$(SEEDS) precision=w8a8,w4a4 hydra.launcher.n_jobs=$(JOBS)
 	$(REPORT) --study demo
 
-ptq: demo-models  ## PTQ methods x calibrators on the KWS AST and YAMNet -> results/ptq/
+ptq: demo-models  ## PTQ methods x calibrators on the KWS AST, YAMNet and Whisper-base KWS -> results/ptq/
 	$(CLEAN)
 	$(PY) -m esc.run -m +experiment=ptq hydra.launcher.n_jobs=$(JOBS)
 	$(PY) -m esc.run -m +experiment=ptq_yamnet hydra.launcher.n_jobs=$(JOBS)
+	$(PY) -m esc.run -m +experiment=ptq_whisper_kws hydra.launcher.n_jobs=$(JOBS)
+	$(PY) -m esc.run -m +experiment=ptq_whisper_kws calibrator=esc ptq=none,bias_correction,adaround,brecq,qdrop,noisyquant hydra.launcher.n_jobs=$(JOBS)
 	$(REPORT) --study ptq
 
 ablations: demo-models  ## the ablation sweeps of figure 5 (calibration size, ESC budget, population, fitness, start) -> results/ablation_*/
