@@ -119,6 +119,7 @@ def validate(cfg: DictConfig) -> None:
         value = cfg.calibration.get(name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise UserError(f"calibration.{name}={value!r} must be a positive integer")
+    get_object(cfg.task._target_).check_options(cfg.task)  # e.g. the ASR task's fitness_loss
     if cfg.calibration.weights not in WEIGHT_CLIPS:
         raise UserError(f"calibration.weights={cfg.calibration.weights!r} must be one of {sorted(WEIGHT_CLIPS)}")
     if cfg.precision.activation is not None:

@@ -27,7 +27,8 @@ KEY_SCHEMA = 2
 #: Dotted option -> the value every row had before the option existed (dropped from keys when equal).
 NEUTRAL_DEFAULTS: dict[str, Any] = {"model.revision": None, "scope.float_prefix": False, "task.skip_bad_files": False,
                                     "calibrator.max_batch": None, "calibrator.local_search": "exhaustive",
-                                    "calibrator.theta_bound": 10.0}
+                                    "calibrator.theta_bound": 10.0, "task.fitness_loss": "ce", "task.eos_margin": 1.0,
+                                    "task.eos_weight": 1.0}
 VERSIONED_PACKAGES = ("torch", "torchaudio", "evotorch", "cma", "hydra-core", "transformers", "numpy", "onnxruntime")
 
 

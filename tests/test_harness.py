@@ -229,6 +229,7 @@ def test_error_rows_are_retried(tmp_path):
     ("scope.roles.attention_probs.grid=log3", "grid='log3' is not one of"),
     ("scope.roles.head.calibrator=kl", "unknown role calibrators ['kl']"),
     ("model=ast_kws model.checkpoint=/nonexistent/kws.pt", "train it with `make models`"),
+    ("model=whisper_tiny_random task=asr_tiny task.fitness_loss=bogus", "task.fitness_loss='bogus' must be one of"),
 ])
 def test_cli_prints_one_line_for_bad_input(tmp_path, override, message):
     cmd = [sys.executable, "-m", "esc.run", "+experiment=tiny", *override.split(), f"paths.rows={tmp_path}/rows",

@@ -21,8 +21,9 @@ calibration clips are the targets (pseudo-labels, computed once per clip and cac
 transcript (right-padded with ``eos_id``), ``labels`` the next token at each position (-100 on
 prompt positions before the first transcript token and on padding). The pseudo-labels are cached
 on disk under ``<data_dir>/pseudo_labels/`` keyed by a hash of the model weights and the data. ``forward`` returns the
-teacher-forced decoder logits ``[B, L, vocab]``; ``loss`` is the per-sample mean token cross
-entropy against the labels.
+teacher-forced decoder logits ``[B, L, vocab]``; ``loss`` (``task.fitness_loss``) is the per-sample
+mean token cross entropy against the labels (``ce``), or that plus a hinge on the end-of-text logit
+margin where the transcript ends, which sees decoding loops (``ce_eos_margin``; :mod:`esc.tasks.asr_fitness`).
 """
 from __future__ import annotations
 
@@ -36,18 +37,16 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from esc.calibrators.base import CalibrationData
 from esc.data.asr import DEFAULT_ESPEAK_VOICES, Clip, clips_hash, make_clips
 from esc.core.bundle import ModelBundle
 from esc.core.errors import UserError
+from esc.tasks.asr_fitness import IGNORE, check_fitness_options, fitness_loss
 from esc.tasks.base import Task, require_finite
 
 log = logging.getLogger(__name__)
-
-IGNORE = -100
 
 
 def english_normalizer(spelling_map: Optional[str | Path] = None):
@@ -147,14 +146,6 @@ def teacher_forced_logits(model: nn.Module, batch: dict) -> torch.Tensor:
     return torch.cat([head.logits, rest.logits], dim=1)
 
 
-def token_cross_entropy(logits: torch.Tensor, batch: dict) -> torch.Tensor:
-    """Per-sample mean cross entropy ``[B]`` of ``logits`` against ``batch["labels"]`` (-100 ignored)."""
-    labels = batch["labels"]
-    ce = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")
-    mask = (labels != IGNORE).float()
-    return (ce * mask).sum(1) / mask.sum(1).clamp_min(1.0)
-
-
 def _pad(waves: Sequence[np.ndarray]) -> torch.Tensor:
     out = np.zeros((len(waves), max(len(w) for w in waves)), np.float32)
     for i, w in enumerate(waves):
@@ -176,6 +167,8 @@ class ASRTask(Task):
         eval_batch_size / calibration_batch_size: clips per batch.
         max_new_tokens: decoding bound (``None``: ``bundle.extras["max_new_tokens"]``).
         spelling_map: optional path of Whisper's ``english.json`` for the normaliser.
+        fitness_loss / eos_margin / eos_weight: the calibration loss, ``"ce"`` or ``"ce_eos_margin"``, and
+            the hinge's margin and weight (see :mod:`esc.tasks.asr_fitness`).
         clips: ``{"test": [Clip...], "train": [Clip...]}`` given directly (tests, own data);
             overrides the synthesised splits.
         progress: show tqdm bars.
@@ -192,9 +185,11 @@ class ASRTask(Task):
                  espeak_voices: Sequence[str] = DEFAULT_ESPEAK_VOICES, espeak_pitches: Sequence[int] = (35, 50, 65),
                  eval_batch_size: int = 8, calibration_batch_size: int = 8, max_new_tokens: Optional[int] = None,
                  spelling_map: Optional[str] = None, clips: Optional[dict] = None, progress: bool = True,
-                 name: Optional[str] = None) -> None:
+                 name: Optional[str] = None, fitness_loss: str = "ce", eos_margin: float = 1.0, eos_weight: float = 1.0) -> None:
         if name is not None:
             self.name = name
+        self.check_options(dict(fitness_loss=fitness_loss, eos_margin=eos_margin, eos_weight=eos_weight))
+        self.fitness = dict(kind=fitness_loss, eos_margin=float(eos_margin), eos_weight=float(eos_weight))
         self.data_dir = data_dir
         self.voices = list(voices)
         self.num_test, self.num_train = int(num_test), int(num_train)
@@ -209,6 +204,11 @@ class ASRTask(Task):
         self.bundle: Optional[ModelBundle] = None
         self._pseudo: dict[int, list[int]] = {}
         self._train_features: dict[int, torch.Tensor] = {}
+
+    @classmethod
+    def check_options(cls, options) -> None:
+        """Raise a :class:`~esc.core.errors.UserError` for a bad ``fitness_loss`` / ``eos_margin`` / ``eos_weight``."""
+        check_fitness_options(options)
 
     # ------------------------------------------------------------------------------- data
     def check_clips(self) -> None:
@@ -393,4 +393,6 @@ class ASRTask(Task):
             chunk = idx[s:s + self.calibration_batch_size]
             batches.append(teacher_forcing_batch(torch.stack([self._train_features[i] for i in chunk]),
                                                  [self._pseudo[i] for i in chunk], ex["prompt_ids"], ex["eos_id"]))
-        return CalibrationData(batches, forward=teacher_forced_logits, loss=token_cross_entropy)
+        loss = fitness_loss(self.fitness["kind"], ex["eos_id"], self.fitness["eos_margin"], self.fitness["eos_weight"],
+                            ex.get("suppress_ids", ()))
+        return CalibrationData(batches, forward=teacher_forced_logits, loss=loss)

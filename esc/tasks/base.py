@@ -1,7 +1,7 @@
 """What a task is: data, a metric, and a calibration loss. It knows nothing of quantization."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from torch import nn
@@ -45,6 +45,12 @@ class Task:
     data_hashes: dict[str, str] = {}
     revisions: dict[str, str] = {}
     skipped_files: list[str] = []
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any]) -> None:
+        """Raise a :class:`~esc.core.errors.UserError` naming a bad value among ``options`` (this task's
+        config node), so :func:`esc.pipeline.validate` stops a run before any model is built; the base
+        class checks nothing (subclasses that check call it from their constructor too)."""
 
     def prepare(self, bundle: ModelBundle) -> None:
         """Load the data and cache front-end features for ``bundle``."""

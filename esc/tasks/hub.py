@@ -138,7 +138,8 @@ class HubASRTask(ASRTask):
         train_split / train_max_samples: the calibration pool (default 200 utterances of ``validation``).
         subset_seed: seed of both subsets. name: task name in result rows (default ``librispeech_<config>``).
         Other keyword arguments go to :class:`ASRTask`
-        (``eval_batch_size``, ``calibration_batch_size``, ``max_new_tokens``, ``spelling_map``, ``progress``).
+        (``eval_batch_size``, ``calibration_batch_size``, ``max_new_tokens``, ``spelling_map``, ``progress``,
+        ``fitness_loss``, ``eos_margin``, ``eos_weight``).
     """
 
     def __init__(self, path: str = "openslr/librispeech_asr", config: Optional[str] = "clean", test_split: str = "test",
@@ -205,8 +206,17 @@ class CTCASRTask(ASRTask):
     """ASR with a CTC model (``bundle.extras["decode"]``): data and metrics of :class:`ASRTask`, CTC decoding and loss.
 
     "Tokens" of a transcript are the collapsed CTC label ids (repeats merged, blanks removed); see
-    the module docstring for the calibration loss.
+    the module docstring for the calibration loss (``fitness_loss`` must stay ``ce``: CTC has no end-of-text token).
     """
+
+    @classmethod
+    def check_options(cls, options) -> None:
+        """:meth:`ASRTask.check_options`, and a :class:`~esc.core.errors.UserError` for any ``fitness_loss`` but ``ce``."""
+        super().check_options(options)
+        if options.get("fitness_loss", "ce") != "ce":
+            raise UserError(f"task.fitness_loss={options['fitness_loss']!r} needs Whisper's end-of-text token, but this CTC "
+                            "task calibrates with its CTC loss; leave task.fitness_loss=ce (for Whisper use "
+                            "task._target_=esc.tasks.hub.HubASRTask)")
 
     def prepare(self, bundle: ModelBundle) -> None:
         """Load both splits and cache the test split's front-end features in padded batches."""
