@@ -25,13 +25,15 @@ how closely the two are tied, per fitness kind (:data:`esc.calibrators.fitness.F
    link at the step sizes ESC searches with.
 
 Writes ``NAME.csv`` (one line per scale vector: ``index, sigma, fitness_<kind>..., metric``) and
-``NAME.json`` (the config axes, the metric, and per kind ``rho``, ``ci_low``, ``ci_high``).
+``NAME.json`` (the config axes, the metric, per kind ``rho``, ``ci_low``, ``ci_high``, the wall seconds and the
+provenance of a result row: library versions, git commit, diff hash).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -46,6 +48,7 @@ from esc.calibrators.fitness import FITNESS_KINDS, FitnessEvaluator
 from esc.config import compose
 from esc.core.bundle import weights_fingerprint
 from esc.quant.model import QuantizedModel
+from esc.results import provenance
 from esc.pipeline import calibrate, calibration_path, component_name, prepare, quantize, run_axes, run_share
 
 log = logging.getLogger("esc.analysis.fitness_link")
@@ -149,13 +152,15 @@ def main(argv: list[str] | None = None) -> dict:
     sigmas = [float(s) for s in args.sigmas.split(",") if s]
     if args.per_sigma < 1 or not sigmas or min(sigmas) <= 0:
         raise SystemExit("need --per-sigma >= 1 and positive --sigmas")
+    start = time.perf_counter()
     df = fitness_link(cfg, sigmas, args.per_sigma, args.seed)
     summary = {"model": component_name(OmegaConf.to_container(cfg.model, resolve=True)),
                "task": component_name(OmegaConf.to_container(cfg.task, resolve=True)),
                "precision": cfg.precision.name, "calibrator": component_name(OmegaConf.to_container(cfg.calibrator, resolve=True)),
                "calib_samples": int(cfg.calibration.num_samples), "seed": args.seed, "sigmas": sigmas,
                "per_sigma": args.per_sigma, "metric": df.attrs["metric"], "overrides": args.overrides,
-               "spearman_fitness_vs_test_error": summarise(df, df.attrs["higher_is_better"])}
+               "spearman_fitness_vs_test_error": summarise(df, df.attrs["higher_is_better"]),
+               "seconds": round(time.perf_counter() - start, 1), **provenance()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(args.out.with_suffix(".csv"), index=False, float_format="%.6g")
     args.out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
