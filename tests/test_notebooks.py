@@ -90,7 +90,7 @@ def test_sensitivity_script_reproduces_the_rows(results, tmp_path):
     from esc.analysis.sensitivity import main
 
     common = ["--study", "tiny", "--rows", str(results / "rows" / "tiny"), "--precision", "w4a4"]
-    hydra = ["model=ast_tiny", "task=kws_tiny", f"paths.data={results}/data", "torch_threads=1"]
+    hydra = ["+experiment=tiny", f"paths.data={results}/data"]
     out = results / "sensitivity" / "ast_tiny.csv"
     df = main([*common, "--out", str(out), *hydra])
     rows = {r["calibrator"]: r for r in read_rows([results / "rows" / "tiny"]) if r["precision"] == "w4a4" and r["seed"] == 0}
@@ -106,6 +106,21 @@ def test_sensitivity_script_reproduces_the_rows(results, tmp_path):
             loss = both[(both["calibrator"] == cal) & (both["quantizer"] == "ALL")]["loss"].item()
             assert loss == pytest.approx(r["metrics"]["loss"], rel=1e-4), cal
     assert (both["reference"] == "weights-only").all() and (df["reference"] == "fp32").all()
+
+
+def test_sensitivity_takes_only_rows_with_the_runs_settings(results, tmp_path):
+    """Rows of the same model and precision but another scope or calibration set are not the run's: refused, with the axis named."""
+    from esc.analysis.sensitivity import main, matching_rows
+    from esc.pipeline import run_axes
+
+    rows = read_rows([results / "rows" / "tiny"])
+    axes = run_axes(compose(["+experiment=tiny", f"paths.data={results}/data", "precision=w4a4"]))
+    assert set(matching_rows(rows, axes, ["minmax", "mse", "esc"])) == {"minmax", "mse", "esc"}
+    other = run_axes(compose(["+experiment=tiny", f"paths.data={results}/data", "precision=w4a4", "scope=linear"]))
+    assert matching_rows(rows, other, ["minmax", "esc"]) == {}
+    with pytest.raises(SystemExit, match="differ in calibration"):
+        main(["--rows", str(results / "rows" / "tiny"), "--precision", "w4a4", "--out", str(tmp_path / "s.csv"),
+              "+experiment=tiny", f"paths.data={results}/data", "calibration.num_samples=4"])
 
 
 EXPECTED = {
@@ -124,7 +139,7 @@ def test_notebook_writes_its_figures(name, results, tmp_path, monkeypatch):
         from esc.analysis.sensitivity import main
 
         main(["--study", "tiny", "--rows", str(results / "rows" / "tiny"), "--out", str(results / "sensitivity" / "ast_tiny.csv"),
-              "model=ast_tiny", "task=kws_tiny", f"paths.data={results}/data", "torch_threads=1"])
+              "+experiment=tiny", f"paths.data={results}/data"])
     rows = results / "rows" if name == "05_ablations.py" else results / "rows" / "tiny"
     figures = tmp_path / "figures"
     text = execute(ROOT / "notebooks" / name, {"ESC_ROWS": rows, "ESC_FIGURES": figures,

@@ -8,8 +8,9 @@ Hydra overrides given after the options, plus ``precision=<precision>``); the mo
 built and prepared from it. The float model is quantized with **activations only** (``bits``
 bits, symmetric, per tensor; weights stay float, so the drop is the activation quantizer's own;
 ``--with-weights`` also quantizes the weights as the precision says, per-channel max). For each
-calibrator row of the study (same model, task, precision and seed; no PTQ method; by default the
-``minmax`` and ``esc`` rows), each activation quantizer ``i`` in turn is the only one enabled,
+calibrator row of the study with the run's settings (the rows whose keys differ from this
+configuration's only in the calibrator: same model, task, precision, scope, PTQ method, calibration
+and seed, so pass the overrides the runs used; by default the ``minmax`` and ``esc`` rows), each activation quantizer ``i`` in turn is the only one enabled,
 with the symmetric clip ``c_i`` = that row's ``clip_hi`` for quantizer ``i`` (``set_clip_range``) on
 the row's grid (unsigned ``[0, 2^b - 1]`` where the row's ``clip_lo`` is 0, as runs with
 ``precision.activation.unsigned_nonnegative`` give non-negative inputs; signed otherwise),
@@ -36,8 +37,8 @@ import torch
 from omegaconf import OmegaConf, open_dict
 
 from esc.config import compose, project_root
-from esc.pipeline import component_name, prepare, quantize
-from esc.results import read_rows
+from esc.pipeline import component_name, prepare, quantize, run_axes
+from esc.results import read_rows, run_key
 
 log = logging.getLogger("esc.analysis.sensitivity")
 
@@ -50,14 +51,33 @@ def default_rows_dir(study: str) -> Path:
     return next((c for c in candidates if c.exists()), candidates[0])
 
 
-def matching_rows(rows: list[dict], model: str, task: str, precision: str, seed: int, calibrators: list[str]) -> dict[str, dict]:
-    """One successful row per calibrator with this model, task, precision and seed, and no PTQ method."""
+def setting_key(axes: dict) -> str:
+    """The run key of ``axes`` without the calibrator and ``calibration.monitor_every`` (it records ESC's test
+    curve, it changes no clip): rows with equal setting keys differ only in how their clips were chosen."""
+    out = {k: v for k, v in axes.items() if k != "calibrator"}
+    if isinstance(out.get("calibration"), dict):
+        out["calibration"] = {k: v for k, v in out["calibration"].items() if k != "monitor_every"}
+    return run_key(out)
+
+
+def matching_rows(rows: list[dict], axes: dict, calibrators: list[str]) -> dict[str, dict]:
+    """One successful row per calibrator whose run axes (model, task, precision, scope, PTQ method,
+    calibration, seed) equal ``axes`` up to the calibrator, compared as row keys compare them."""
+    want = setting_key(axes)
     out = {}
     for r in rows:
-        if (r.get("status") == "ok" and r.get("model") == model and r.get("task") == task and r.get("precision") == precision
-                and r.get("seed") == seed and r.get("ptq", "none") == "none" and r.get("calibrator") in calibrators):
+        if r.get("status") == "ok" and r.get("calibrator") in calibrators and "axes" in r and setting_key(r["axes"]) == want:
             out.setdefault(r["calibrator"], r)
     return out
+
+
+def differing_axes(rows: list[dict], axes: dict, calibrators: list[str]) -> list[str]:
+    """The axes in which the rows of these calibrators (same model and precision) differ from ``axes``, for error messages."""
+    names = set()
+    for r in rows:
+        if r.get("status") == "ok" and r.get("calibrator") in calibrators and "axes" in r and r.get("precision") == axes["precision"].get("name"):
+            names |= {k for k in axes if k != "calibrator" and setting_key({k: r["axes"].get(k)}) != setting_key({k: axes[k]})}
+    return sorted(names)
 
 
 def sensitivity(cfg, rows: dict[str, dict], bits: int, with_weights: bool = False) -> pd.DataFrame:
@@ -127,25 +147,27 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=ast_tiny task=kws_tiny")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg = compose([f"precision={args.precision}", *args.overrides])
+    seed = [] if args.seed is None else [f"seed={args.seed}"]
+    cfg = compose([f"precision={args.precision}", *args.overrides, *seed])
+    if cfg.precision.activation is None:
+        raise SystemExit(f"precision {args.precision} quantizes no activations; use e.g. --precision w4a4")
+    axes = run_axes(cfg)  # the rows' settings, before the test subset below (which no row depends on)
     if args.max_test_clips is not None:
         if "max_test_clips" not in cfg.task:
             raise SystemExit(f"task {component_name(OmegaConf.to_container(cfg.task))} has no max_test_clips parameter; "
                              "drop --max-test-clips")
         with open_dict(cfg):
             cfg.task.max_test_clips = args.max_test_clips
-    if cfg.precision.activation is None:
-        raise SystemExit(f"precision {args.precision} quantizes no activations; use e.g. --precision w4a4")
     bits = args.bits or int(cfg.precision.activation.bits)
-    seed = int(cfg.seed) if args.seed is None else args.seed
-    model = component_name(OmegaConf.to_container(cfg.model, resolve=True))
-    task = component_name(OmegaConf.to_container(cfg.task, resolve=True))
     rows_dir = args.rows or default_rows_dir(args.study)
-    rows = matching_rows(read_rows([rows_dir]), model, task, args.precision, seed, args.calibrators.split(","))
+    calibrators = args.calibrators.split(",")
+    all_rows = read_rows([rows_dir])
+    rows = matching_rows(all_rows, axes, calibrators)
     if not rows:
-        raise SystemExit(f"no rows for model {model}, task {task}, precision {args.precision}, seed {seed}, calibrators "
-                         f"{args.calibrators} under {rows_dir}; run them first (python -m esc.run precision={args.precision} "
-                         f"calibrator=minmax study={args.study} ...)")
+        differ = differing_axes(all_rows, axes, calibrators)
+        hint = (f"rows of precision {args.precision} exist but differ in {', '.join(differ)}: pass the overrides those runs used"
+                if differ else f"run them first (python -m esc.run precision={args.precision} calibrator=minmax study={args.study} ...)")
+        raise SystemExit(f"no {args.calibrators} rows under {rows_dir} with this run's settings; {hint}")
     log.info("clip ranges from %s", {c: r["key"] for c, r in rows.items()})
     df = sensitivity(cfg, rows, bits, args.with_weights)
     args.out.parent.mkdir(parents=True, exist_ok=True)
