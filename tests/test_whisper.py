@@ -183,6 +183,19 @@ def tiny_task():
     return bundle, task
 
 
+def test_max_test_clips_evaluates_a_fixed_subset(tiny_task):
+    """A seeded subset of the test clips, the same for the same seed; the data hashes still name the whole split."""
+    bundle, full = tiny_task
+    subsets = []
+    for seed in (0, 0, 1, 2, 3):
+        task = ASRTask(data_dir=None, clips=_clips(), eval_batch_size=2, max_test_clips=1, subset_seed=seed, progress=False)
+        task.prepare(bundle)
+        assert len(task.references) == len(task.test_features) == 1 and task.data_hashes == full.data_hashes
+        assert task.references[0] in full.references
+        subsets.append(task.references[0])
+    assert subsets[0] == subsets[1] and len(set(subsets)) == 2  # both clips drawn over the seeds, each seed reproducible
+
+
 def test_loop_metrics_on_hand_made_hypotheses():
     refs = ["the cat sat", "a dog ran home", "yes", "one two three four five"]
     hyps = ["the cat sat", "a dog ran home a dog ran home", "no no no no", "one two three four five six seven"]

@@ -27,6 +27,7 @@ looping (ASR: hypotheses at least twice their reference length), role (the quant
 from __future__ import annotations
 
 import argparse
+import inspect
 import copy
 import logging
 import os
@@ -34,6 +35,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from hydra.utils import get_object
 from omegaconf import OmegaConf, open_dict
 
 from esc.config import compose, project_root
@@ -153,7 +155,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         raise SystemExit(f"precision {args.precision} quantizes no activations; use e.g. --precision w4a4")
     axes = run_axes(cfg)  # the rows' settings, before the test subset below (which no row depends on)
     if args.max_test_clips is not None:
-        if "max_test_clips" not in cfg.task:
+        if "max_test_clips" not in cfg.task and "max_test_clips" not in inspect.signature(get_object(cfg.task._target_)).parameters:
             raise SystemExit(f"task {component_name(OmegaConf.to_container(cfg.task))} has no max_test_clips parameter; "
                              "drop --max-test-clips")
         with open_dict(cfg):

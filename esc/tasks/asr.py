@@ -44,7 +44,7 @@ from esc.data.asr import DEFAULT_ESPEAK_VOICES, Clip, clips_hash, make_clips
 from esc.core.bundle import ModelBundle
 from esc.core.errors import UserError
 from esc.tasks.asr_fitness import IGNORE, check_fitness_options, fitness_loss
-from esc.tasks.base import Task, require_finite
+from esc.tasks.base import Task, require_finite, subset_indices
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +171,9 @@ class ASRTask(Task):
             the hinge's margin and weight (see :mod:`esc.tasks.asr_fitness`).
         clips: ``{"test": [Clip...], "train": [Clip...]}`` given directly (tests, own data);
             overrides the synthesised splits.
+        max_test_clips / subset_seed: evaluate on a fixed random subset of this many test clips (drawn
+            with ``subset_seed``; ``None``: all); ``data_hashes`` still name the whole split. Not in
+            ``conf/task/asr.yaml`` (row keys stay as they were): ``+task.max_test_clips=N``.
         progress: show tqdm bars.
         name: task name in result rows (default ``asr``).
     """
@@ -185,7 +188,8 @@ class ASRTask(Task):
                  espeak_voices: Sequence[str] = DEFAULT_ESPEAK_VOICES, espeak_pitches: Sequence[int] = (35, 50, 65),
                  eval_batch_size: int = 8, calibration_batch_size: int = 8, max_new_tokens: Optional[int] = None,
                  spelling_map: Optional[str] = None, clips: Optional[dict] = None, progress: bool = True,
-                 name: Optional[str] = None, fitness_loss: str = "ce", eos_margin: float = 1.0, eos_weight: float = 1.0) -> None:
+                 name: Optional[str] = None, fitness_loss: str = "ce", eos_margin: float = 1.0, eos_weight: float = 1.0,
+                 max_test_clips: Optional[int] = None, subset_seed: int = 0) -> None:
         if name is not None:
             self.name = name
         self.check_options(dict(fitness_loss=fitness_loss, eos_margin=eos_margin, eos_weight=eos_weight))
@@ -200,6 +204,7 @@ class ASRTask(Task):
         self.max_new_tokens = max_new_tokens
         self.normalizer = english_normalizer(spelling_map)
         self.given_clips = clips
+        self.max_test_clips, self.subset_seed = max_test_clips, int(subset_seed)
         self.progress = progress
         self.bundle: Optional[ModelBundle] = None
         self._pseudo: dict[int, list[int]] = {}
@@ -249,6 +254,7 @@ class ASRTask(Task):
         self.train_clips = self._split("train")
         self.check_clips()
         self.data_hashes = {"test": clips_hash(self.test_clips), "train": clips_hash(self.train_clips)}
+        self.test_clips = [self.test_clips[i] for i in subset_indices(len(self.test_clips), self.max_test_clips, self.subset_seed)]
         self.test_features = self._features(self.test_clips)
         self.references = [self.normalizer(c.text) for c in self.test_clips]
         window = self.test_features.shape[-1] * 160  # samples per encoder window (hop 160 at 16 kHz)

@@ -21,6 +21,14 @@ def require_finite(waves: Sequence[Any] | np.ndarray, task: str, split: str, fix
             raise UserError(f"{task} task: {split} clip {i} holds {bad} NaN/Inf audio samples; the data is damaged: {fix}")
 
 
+def subset_indices(n: int, max_clips: int | None, seed: int) -> np.ndarray:
+    """Sorted indices of a fixed random subset of ``max_clips`` of ``n`` test clips (drawn with ``seed``);
+    all ``n`` when ``max_clips`` is ``None`` or not below ``n``."""
+    if max_clips is None or max_clips >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=int(max_clips), replace=False))
+
+
 class Task:
     """Base class of tasks (keyword spotting, audio tagging, ASR).
 

@@ -18,7 +18,7 @@ from torch import nn
 from esc.calibrators.base import CalibrationData
 from esc.data.kws import KWSSplit, config_from_kwargs, load_kws, pcm_to_float
 from esc.core.bundle import ModelBundle
-from esc.tasks.base import Task, require_finite
+from esc.tasks.base import Task, require_finite, subset_indices
 
 log = logging.getLogger(__name__)
 
@@ -114,10 +114,7 @@ class KeywordSpottingTask(Task):
         require_finite(test.pcm, self.name, "test", fix)
         self.data_hashes = {"train": self.train.sha256, "test": test.sha256}
         self.train_labels = self._model_labels(self.train)
-        idx = np.arange(len(test))
-        if self.max_test_clips is not None and self.max_test_clips < len(test):
-            rng = np.random.default_rng(self.subset_seed)
-            idx = np.sort(rng.choice(len(test), size=int(self.max_test_clips), replace=False))
+        idx = subset_indices(len(test), self.max_test_clips, self.subset_seed)
         self.test_features = self._features(test.pcm[idx])
         self.test_labels = self._model_labels(test)[torch.from_numpy(idx)]
         self._train_cache: dict[int, torch.Tensor] = {}
