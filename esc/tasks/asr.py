@@ -171,9 +171,8 @@ class ASRTask(Task):
             the hinge's margin and weight (see :mod:`esc.tasks.asr_fitness`).
         clips: ``{"test": [Clip...], "train": [Clip...]}`` given directly (tests, own data);
             overrides the synthesised splits.
-        max_test_clips / subset_seed: evaluate on a fixed random subset of this many test clips (drawn
-            with ``subset_seed``; ``None``: all); ``data_hashes`` still name the whole split. Not in
-            ``conf/task/asr.yaml`` (row keys stay as they were): ``+task.max_test_clips=N``.
+        max_test_clips / subset_seed: a fixed random subset of the test clips (``None``: all; ``data_hashes``
+            name the whole split). Not in ``conf/task/asr.yaml``, so row keys stay: ``+task.max_test_clips=N``.
         progress: show tqdm bars.
         name: task name in result rows (default ``asr``).
     """
@@ -187,9 +186,9 @@ class ASRTask(Task):
                  rates: Sequence[float] = (0.85, 1.0, 1.15), snr_db: Sequence[Optional[float]] = (None, 30.0, 20.0),
                  espeak_voices: Sequence[str] = DEFAULT_ESPEAK_VOICES, espeak_pitches: Sequence[int] = (35, 50, 65),
                  eval_batch_size: int = 8, calibration_batch_size: int = 8, max_new_tokens: Optional[int] = None,
-                 spelling_map: Optional[str] = None, clips: Optional[dict] = None, progress: bool = True,
-                 name: Optional[str] = None, fitness_loss: str = "ce", eos_margin: float = 1.0, eos_weight: float = 1.0,
-                 max_test_clips: Optional[int] = None, subset_seed: int = 0) -> None:
+                 spelling_map: Optional[str] = None, clips: Optional[dict] = None, progress: bool = True, name: Optional[str] = None,
+                 fitness_loss: str = "ce", eos_margin: float = 1.0, eos_weight: float = 1.0, max_test_clips: Optional[int] = None,
+                 subset_seed: int = 0) -> None:
         if name is not None:
             self.name = name
         self.check_options(dict(fitness_loss=fitness_loss, eos_margin=eos_margin, eos_weight=eos_weight))
@@ -203,8 +202,7 @@ class ASRTask(Task):
         self.eval_batch_size, self.calibration_batch_size = int(eval_batch_size), int(calibration_batch_size)
         self.max_new_tokens = max_new_tokens
         self.normalizer = english_normalizer(spelling_map)
-        self.given_clips = clips
-        self.max_test_clips, self.subset_seed = max_test_clips, int(subset_seed)
+        self.given_clips, self.max_test_clips, self.subset_seed = clips, max_test_clips, int(subset_seed)
         self.progress = progress
         self.bundle: Optional[ModelBundle] = None
         self._pseudo: dict[int, list[int]] = {}
@@ -248,10 +246,8 @@ class ASRTask(Task):
                 raise UserError(f"model {bundle.name!r} is not a Whisper-style model (its bundle lacks extras[{key!r}]), "
                                 f"but task {self.name} decodes with Whisper's decoder; for a CTC model use "
                                 "task._target_=esc.tasks.hub.HubCTCASRTask (the asr_wav2vec2_* / asr_conformer_* pairs do)")
-        self.bundle = bundle
-        self.extras = bundle.extras
-        self.test_clips = self._split("test")
-        self.train_clips = self._split("train")
+        self.bundle, self.extras = bundle, bundle.extras
+        self.test_clips, self.train_clips = self._split("test"), self._split("train")
         self.check_clips()
         self.data_hashes = {"test": clips_hash(self.test_clips), "train": clips_hash(self.train_clips)}
         self.test_clips = [self.test_clips[i] for i in subset_indices(len(self.test_clips), self.max_test_clips, self.subset_seed)]
