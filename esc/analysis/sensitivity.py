@@ -27,8 +27,8 @@ looping (ASR: hypotheses at least twice their reference length), role (the quant
 from __future__ import annotations
 
 import argparse
-import inspect
 import copy
+import inspect
 import logging
 import os
 from pathlib import Path
@@ -62,13 +62,18 @@ def setting_key(axes: dict) -> str:
     return run_key(out)
 
 
+def candidates(rows: list[dict], calibrators: list[str]):
+    """The successful rows of these calibrators that record their run axes."""
+    return (r for r in rows if r.get("status") == "ok" and r.get("calibrator") in calibrators and "axes" in r)
+
+
 def matching_rows(rows: list[dict], axes: dict, calibrators: list[str]) -> dict[str, dict]:
     """One successful row per calibrator whose run axes (model, task, precision, scope, PTQ method,
     calibration, seed) equal ``axes`` up to the calibrator, compared as row keys compare them."""
     want = setting_key(axes)
     out = {}
-    for r in rows:
-        if r.get("status") == "ok" and r.get("calibrator") in calibrators and "axes" in r and setting_key(r["axes"]) == want:
+    for r in candidates(rows, calibrators):
+        if setting_key(r["axes"]) == want:
             out.setdefault(r["calibrator"], r)
     return out
 
@@ -76,8 +81,8 @@ def matching_rows(rows: list[dict], axes: dict, calibrators: list[str]) -> dict[
 def differing_axes(rows: list[dict], axes: dict, calibrators: list[str]) -> list[str]:
     """The axes in which the rows of these calibrators (same model and precision) differ from ``axes``, for error messages."""
     names = set()
-    for r in rows:
-        if r.get("status") == "ok" and r.get("calibrator") in calibrators and "axes" in r and r.get("precision") == axes["precision"].get("name"):
+    for r in candidates(rows, calibrators):
+        if r.get("precision") == axes["precision"].get("name"):
             names |= {k for k in axes if k != "calibrator" and setting_key({k: r["axes"].get(k)}) != setting_key({k: axes[k]})}
     return sorted(names)
 
