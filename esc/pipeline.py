@@ -205,6 +205,49 @@ def calibration_path(cfg: DictConfig, axes: dict[str, Any], ptq_stage: str, weig
     return Path(cfg.paths.cache) / "calibration" / f"{key}.pt"
 
 
+def transform_path(cfg: DictConfig, axes: dict[str, Any], weights: str, data: dict[str, str]) -> Path:
+    """Cache file of a "before" PTQ method's result, keyed like the calibration without the calibrator: the
+    method sees only the float model (``weights``) and the calibration clips (``data``), so runs differing
+    only in the calibrator share one."""
+    key = run_key({**{k: axes[k] for k in ("model", "task", "precision", "scope", "ptq", "calibration", "seed")},
+                   "weights": weights, "data": data})
+    return Path(cfg.paths.cache) / "ptq_before" / f"{key}.pt"
+
+
+def module_tree(model: torch.nn.Module) -> tuple[list, dict]:
+    """The module paths and classes of ``model`` and the shapes of its state dict."""
+    return ([(n, type(m).__qualname__) for n, m in model.named_modules()],
+            {k: tuple(v.shape) for k, v in model.state_dict().items()})
+
+
+def apply_before(ptq, float_model: torch.nn.Module, data: CalibrationData, path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """A copy of ``float_model`` transformed by the "before" PTQ method ``ptq``, or restored from ``path``
+    when an identical earlier run cached it; returns the model and ``{"seconds", "cached"}`` (the seconds of
+    the method itself). A method that changes only tensor values (same module tree and state-dict shapes,
+    e.g. HyQ, SmoothQuant, RepQ-ViT) is cached as the tensors it changed; one that replaces modules
+    (rotation, DiTAS's low-rank branch) runs again in every run."""
+    model = copy.deepcopy(float_model)
+    if path.is_file():
+        cached = load_plain(path, "delete it and rerun to apply the PTQ method again")
+        unexpected = model.load_state_dict(cached["changed"], strict=False).unexpected_keys
+        if unexpected:
+            raise UserError(f"{path}: cached PTQ result names tensors the model lacks ({unexpected[:3]}); delete it and rerun")
+        log.info("PTQ %s restored from an identical earlier run (%s; it took %.1f s)", ptq.name, path, cached["seconds"])
+        return model, {"seconds": cached["seconds"], "cached": True}
+    tree = module_tree(model)
+    start = time.perf_counter()
+    with torch.random.fork_rng():  # later stages see the same global RNG whether the result is cached or not
+        ptq.apply(model, data)
+    seconds = time.perf_counter() - start
+    if module_tree(model) == tree:
+        original = float_model.state_dict()
+        changed = {k: v for k, v in model.state_dict().items() if not torch.equal(v, original[k])}
+        save_checkpoint({"changed": changed, "seconds": seconds}, path)
+    else:
+        log.info("PTQ %s replaces modules: its result is not cached", ptq.name)
+    return model, {"seconds": seconds, "cached": False}
+
+
 def calibrate(cfg: DictConfig, qmodel: QuantizedModel, data: CalibrationData, task, path: Path) -> dict[str, Any]:
     """Calibrate every activation quantizer, or restore the grids and scales of an identical earlier
     calibration cached at ``path`` (runs differing only in an "after" PTQ method share one).
@@ -281,7 +324,7 @@ def execute(cfg: DictConfig, axes: dict[str, Any]) -> dict[str, Any]:
     with timer("fp32"):
         fp = fp32_metrics(cfg, axes, task, bundle, weights)
     row: dict[str, Any] = {"fp32_metrics": fp, "weights_fingerprint": weights, "data_hashes": dict(task.data_hashes),
-                           "calib_seconds": 0.0, "calib_timings": {}, "calibration_cached": False, "ptq_seconds": 0.0, "forward_passes": 0,
+                           "calib_seconds": 0.0, "calib_timings": {}, "calibration_cached": False, "ptq_seconds": 0.0, "ptq_cached": False, "forward_passes": 0,
                            "n_act_quantizers": 0, "n_weight_quantizers": 0, "calib_samples": 0, "history": {}, "quantizers": [],
                            "stage_seconds": timer.seconds}
     row["revisions"] = {**bundle.revisions, **task.revisions}  # hub commits of the model and data sets (empty offline)
@@ -296,8 +339,8 @@ def execute(cfg: DictConfig, axes: dict[str, Any]) -> dict[str, Any]:
     if ptq.stage == "before":
         log.info("PTQ %s on the float model", ptq.name)
         with timer("ptq"):
-            float_model = copy.deepcopy(float_model)
-            ptq.apply(float_model, data)
+            float_model, before = apply_before(ptq, float_model, data, transform_path(cfg, axes, weights, task.data_hashes))
+        row.update(ptq_seconds=before["seconds"], ptq_cached=before["cached"])
     with timer("quantize"):
         qmodel = quantize(cfg, bundle, float_model, data)
     if cfg.precision.activation is not None:
@@ -310,6 +353,7 @@ def execute(cfg: DictConfig, axes: dict[str, Any]) -> dict[str, Any]:
         log.info("PTQ %s on the calibrated model", ptq.name)
         with timer("ptq"):
             ptq.apply(qmodel, data)
+        row["ptq_seconds"] = timer.seconds["ptq"]
     with timer("level_utilisation"):
         qmodel.measure_level_utilisation(data.batches, data.forward)
     log.info("Evaluating the quantized model")
@@ -324,7 +368,7 @@ def execute(cfg: DictConfig, axes: dict[str, Any]) -> dict[str, Any]:
             export_onnx(qmodel, example_inputs(qmodel, lambda: data.forward(qmodel, data.batches[0])), onnx_path,
                         {"row_key": key, "axes": axes, **provenance()})
         log.info("ONNX QDQ export written to %s", onnx_path)
-    return {**row, "metrics": metrics, "ptq_seconds": timer.seconds.get("ptq", 0.0), "eval_seconds": timer.seconds["evaluate"],
+    return {**row, "metrics": metrics, "eval_seconds": timer.seconds["evaluate"],
             "calib_samples": data.num_samples,
             "n_act_quantizers": sum(q.enabled for q in qmodel.all_activation_quantizers.values()),
             "n_weight_quantizers": sum(q.enabled for q in qmodel.weight_quantizers.values()),

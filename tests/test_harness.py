@@ -269,6 +269,24 @@ def test_after_ptq_runs_share_one_cached_calibration(tmp_path):
     assert "bias_correction − none" in (tmp_path / "report" / "pairs_ptq.md").read_text()
 
 
+def test_before_ptq_runs_share_one_cached_transform(tmp_path):
+    """SmoothQuant (values only) runs once for both calibrators and its restored result gives the run a fresh
+    one gives; rotation (replaces modules) is never cached."""
+    sweep(tmp_path, "hydra/launcher=basic", "precision=w4a4", "calibrator=minmax,mse", "ptq=none,smoothquant,rotation")
+    rows = {(r["ptq"], r["calibrator"]): r for r in read_rows([tmp_path / "rows" / "tiny"])}
+    assert len(rows) == 6 and all(r["status"] == "ok" for r in rows.values())
+    smooth = [rows["smoothquant", c] for c in ("minmax", "mse")]
+    assert sorted(r["ptq_cached"] for r in smooth) == [False, True] and smooth[0]["ptq_seconds"] == smooth[1]["ptq_seconds"] > 0
+    assert not any(rows["rotation", c]["ptq_cached"] for c in ("minmax", "mse"))
+    assert len(list((tmp_path / "cache" / "ptq_before").glob("*.pt"))) == 1
+    restored = next(r for r in smooth if r["ptq_cached"])
+    clip = lambda r: {q["name"]: q["clip_hi"] for q in r["quantizers"] if q["kind"] == "activation"}
+    assert clip(restored) != clip(rows["none", restored["calibrator"]])  # the transform moves the clips
+    sweep(tmp_path / "fresh", "hydra/launcher=basic", "precision=w4a4", f"calibrator={restored['calibrator']}", "ptq=smoothquant")
+    (fresh,) = read_rows([tmp_path / "fresh" / "rows" / "tiny"])
+    assert fresh["ptq_cached"] is False and clip(fresh) == clip(restored) and fresh["quantized"] == restored["quantized"]
+
+
 def test_weights_fingerprint_changes_with_any_weight():
     import torch
 
