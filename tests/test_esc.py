@@ -343,17 +343,19 @@ def test_esc_not_worse_than_local_start_and_history(transformer_setup):
     assert result.seconds > 0
 
 
-def test_tensor_mse_init_starts_from_the_mse_calibrator(transformer_setup):
-    from esc.calibrators.mse import MSECalibrator
+@pytest.mark.parametrize("init,calibrator", [("tensor_mse", "mse"), ("entropy", "entropy"), ("percentile", "percentile")])
+def test_calibrator_init_starts_from_that_calibrator(transformer_setup, init, calibrator):
+    from esc.calibrators import BY_NAME
 
     model, data = transformer_setup
     reference = quantize_model(model, **W4A4)
-    MSECalibrator().calibrate(reference, data)
+    BY_NAME[calibrator]().calibrate(reference, data)
     local_only = quantize_model(model, **W4A4)
-    _esc(generations=0, init="tensor_mse").calibrate(local_only, data)
+    result = _esc(generations=0, init=init).calibrate(local_only, data)
     assert torch.equal(local_only.activation_scales(), reference.activation_scales())
+    assert result.forward_passes == 1 + 1  # the calibrator's observation pass, the start's fitness
     searched = quantize_model(model, **W4A4)
-    h = _esc(generations=4, init="tensor_mse").calibrate(searched, data).history
+    h = _esc(generations=4, init=init).calibrate(searched, data).history
     assert h["final_fitness"][0] <= h["local_fitness"][0]
     assert not torch.equal(searched.activation_scales(), reference.activation_scales())
 
@@ -468,7 +470,7 @@ def test_bad_configurations_raise(transformer_setup):
     with pytest.raises(QuantizationError, match="backend"):
         ESCCalibrator(backend="nevergrad")
     with pytest.raises(QuantizationError, match="init"):
-        ESCCalibrator(init="percentile")
+        ESCCalibrator(init="kl")
     no_loss = CalibrationData(data.batches, data.forward)
     with pytest.raises(QuantizationError, match="loss"):
         _esc().calibrate(quantize_model(model, **W4A4), no_loss)

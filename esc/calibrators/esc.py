@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from esc.calibrators import BY_NAME
 from esc.calibrators.base import CalibrationData, CalibrationResult, Calibrator
 from esc.calibrators.fitness import FITNESS_KINDS, FitnessEvaluator
 from esc.calibrators.local_step import LOCAL_SEARCHES, local_mse_scales, local_passes
-from esc.calibrators.mse import MSECalibrator
 from esc.calibrators.search_state import SearchState
 from esc.quant.model import QuantizedModel
 from esc.quant.quantizer import QuantizationError
@@ -29,7 +29,9 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("evotorch", "pycma")
 FINALS = ("mean", "best")
-INITS = ("output_mse", "tensor_mse")
+#: Starts of the search: the per-layer output-MSE local step, or a statistic calibrator's scales
+#: (``tensor_mse`` = the MSE calibrator, the name the committed ablation rows use).
+INITS = {"output_mse": None, "tensor_mse": "mse", "minmax": "minmax", "percentile": "percentile", "entropy": "entropy"}
 
 
 # ----------------------------------------------------------------------------------- calibrator
@@ -53,7 +55,9 @@ class ESCCalibrator(Calibrator):
        the errors on a seeded (``seed``) row sample of at most that many elements per quantizer,
        kept in the max pass (one pass over the calibration set in all).
        ``init="tensor_mse"`` starts instead from the :class:`~esc.calibrators.mse.MSECalibrator`
-       scales (MSE of the quantized activation tensor itself, its default grid), for comparison.
+       scales (MSE of the quantized activation tensor itself, its default grid), for comparison;
+       ``init="minmax"``, ``"percentile"`` or ``"entropy"`` from that calibrator's scales (its
+       defaults), e.g. where entropy's clip of a residual stream lies in a basin the MSE start misses.
     2. **Global step**: CMA-ES over ``theta`` in ``R^N`` (``N`` = number of activation quantizers)
        with ``scales = s_local * exp(clip(theta, -theta_bound, theta_bound))``, starting at
        ``theta = 0`` with step size ``sigma0``, population ``popsize`` (``None``: CMA-ES default
@@ -91,7 +95,7 @@ class ESCCalibrator(Calibrator):
     (1.0 if the guard fired), each a one-element list; with ``max_batch="auto"`` also
     ``population_chunk`` (the chosen candidates per forward). ``forward_passes`` counts full passes
     over the calibration set: the local step's (:func:`~esc.calibrators.local_step.local_passes`: 2 by default, 1 with
-    ``local_samples``, 3 for ``coarse_fine`` without) + 1 (FP reference, kl/mse only) + one per
+    ``local_samples``, 3 for ``coarse_fine`` without; 1 for a calibrator ``init``) + 1 (FP reference, kl/mse only) + one per
     evaluated candidate (a batched pass of ``P`` candidates counts ``P``). Deterministic under
     ``seed`` (with ``max_batch="auto"``, see its caveat on batch-size-dependent rounding).
 
@@ -128,7 +132,7 @@ class ESCCalibrator(Calibrator):
         if final not in FINALS:
             raise QuantizationError(f"ESC: unknown final {final!r}; use one of {FINALS}")
         if init not in INITS:
-            raise QuantizationError(f"ESC: unknown init {init!r}; use one of {INITS}")
+            raise QuantizationError(f"ESC: unknown init {init!r}; use one of {list(INITS)}")
         if backend not in BACKENDS:
             raise QuantizationError(f"ESC: unknown backend {backend!r}; use one of {BACKENDS}")
         if generations < 0:
@@ -173,9 +177,9 @@ class ESCCalibrator(Calibrator):
                                         "ESC calibrates symmetric per-tensor activation scales (use QuantSpec(bits, True, 'tensor'))")
 
     def _local_scales(self, qmodel: QuantizedModel, data: CalibrationData) -> torch.Tensor:
-        """The start of the search: per-layer output-MSE scales, or the tensor-MSE calibrator's (``init``)."""
-        if self.init == "tensor_mse":
-            MSECalibrator().calibrate(qmodel, data)
+        """The start of the search (``init``): per-layer output-MSE scales, or a statistic calibrator's."""
+        if INITS[self.init] is not None:
+            BY_NAME[INITS[self.init]]().calibrate(qmodel, data)
             return qmodel.activation_scales().float()
         return local_mse_scales(qmodel, data, self.local_grid, self.local_min_fraction, self.local_max_elements,
                                 self.local_search, self.local_stride, self.local_refine, self.local_samples, self.seed)[0]
@@ -265,8 +269,8 @@ class ESCCalibrator(Calibrator):
                             fp32_pass=self._fp32_pass_seconds(qmodel, data))
         remote = popsize * len(history["best"]) if self.remote else 0  # counted by the actors' evaluator copies
         remote += popsize * len(saved["fitness"]) if saved else 0  # evaluated before the interruption
-        local = local_passes(self.local_search, self.local_samples) if self.init == "output_mse" else 2
-        passes = local + (1 if evaluator.reference is not None else 0) + evaluator.evaluations + remote
+        start_passes = local_passes(self.local_search, self.local_samples) if INITS[self.init] is None else 1  # one observation pass
+        passes = start_passes + (1 if evaluator.reference is not None else 0) + evaluator.evaluations + remote
         history.update(local_fitness=[local_fit], search_fitness=[search_fit], final_fitness=[final_fit],
                        kept_local=[float(kept_local)])
         if evaluator.chunk is not None:
