@@ -70,13 +70,11 @@ ablations: demo-models  ## the ablation sweeps of figure 5 (calibration size, ES
 whisper: models  ## the Whisper-base grids (CPU: hours): KWS on its encoder, ASR activation-bit curves, the ESC fitness link -> results/whisper_*/
 	$(CLEAN)
 	$(PY) -m esc.run -m +experiment=whisper_kws hydra.launcher.n_jobs=$(JOBS)
-	$(PY) -m esc.run -m +experiment=whisper_asr hydra.launcher.n_jobs=$(JOBS)
-	$(PY) -m esc.run -m +experiment=whisper_asr_esc hydra.launcher.n_jobs=$(JOBS)
 	$(PY) -m esc.run -m +experiment=whisper_asr_scope hydra.launcher.n_jobs=$(JOBS)
 	$(PY) -m esc.run -m +experiment=whisper_asr_linear hydra.launcher.n_jobs=$(JOBS)
-	$(PY) -m esc.analysis.fitness_link --out results/fitness_link/whisper_asr_w8a6 --per-sigma 4 \
-	  +experiment=whisper_asr precision=w8a6 calibrator=mse calibration.num_samples=32 task.num_test=60
-	for s in whisper_kws whisper_asr whisper_asr_scope whisper_asr_linear; do $(REPORT) --study $$s || exit 1; done
+	for f in ce ce_eos_margin; do $(PY) -m esc.analysis.fitness_link --out results/fitness_link/whisper_asr_w8a6_full_$$f --per-sigma 4 \
+	  +experiment=whisper_asr precision=w8a6 calibrator=mse scope=full calibration.num_samples=32 task.num_test=60 task.fitness_loss=$$f || exit 1; done
+	for s in whisper_kws whisper_asr_scope whisper_asr_linear; do $(REPORT) --study $$s || exit 1; done
 
 report: setup  ## rebuild tables and plots from rows: make report STUDY=demo
 	$(REPORT) --study $(or $(STUDY),demo)

@@ -24,7 +24,7 @@
 #   data (`QuantizedModel.measure_level_utilisation`, stored per quantizer in each row).
 #
 # Rows come from `$ESC_ROWS` (default `results/<study>/rows`) for each study in `$ESC_STUDY`
-# (comma-separated, default `demo,whisper_asr`; a model/task pair is drawn from the first study that
+# (comma-separated, default `demo,whisper_asr_linear`; a model/task pair is drawn from the first study that
 # has it); figures go to `$ESC_FIGURES` (default `results/figures`). Nothing is rerun.
 
 # %%
@@ -39,7 +39,7 @@ import pandas as pd
 
 from esc.analysis.rows import activation_bits, calibrator_sort_key, load_rows, note, save_figure, short_name
 
-STUDIES = os.environ.get("ESC_STUDY", "demo,whisper_asr").split(",")
+STUDIES = os.environ.get("ESC_STUDY", "demo,whisper_asr_linear").split(",")
 rows = []
 for study in STUDIES:
     found, folder = load_rows(study)
