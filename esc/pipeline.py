@@ -197,21 +197,27 @@ def run_share(qmodel: QuantizedModel) -> list[str]:
     return [n for n, q in qmodel.all_activation_quantizers.items() if q.calibrator is None]
 
 
+def stage_cache(cfg: DictConfig, stage: str, axes: dict[str, Any], weights: str, data: dict[str, str], **more: Any) -> Path:
+    """``<paths.cache>/<stage>/<key>.pt`` of a cached stage, keyed by the run axes every such stage depends
+    on (model, task, precision, scope, calibration, seed) plus ``more``, the float model's ``weights``
+    fingerprint and the ``data`` hashes."""
+    key = run_key({**{k: axes[k] for k in ("model", "task", "precision", "scope", "calibration", "seed")}, **more,
+                   "weights": weights, "data": data})
+    return Path(cfg.paths.cache) / stage / f"{key}.pt"
+
+
 def calibration_path(cfg: DictConfig, axes: dict[str, Any], ptq_stage: str, weights: str, data: dict[str, str]) -> Path:
     """Cache file of an activation calibration, keyed by everything it depends on: the run axes
     without an "after" PTQ method, the float model's ``weights`` fingerprint and the ``data`` hashes."""
-    key = run_key({**{k: axes[k] for k in ("model", "task", "precision", "scope", "calibrator", "calibration", "seed")},
-                   "ptq": axes["ptq"] if ptq_stage == "before" else "none", "weights": weights, "data": data})
-    return Path(cfg.paths.cache) / "calibration" / f"{key}.pt"
+    return stage_cache(cfg, "calibration", axes, weights, data, calibrator=axes["calibrator"],
+                       ptq=axes["ptq"] if ptq_stage == "before" else "none")
 
 
 def transform_path(cfg: DictConfig, axes: dict[str, Any], weights: str, data: dict[str, str]) -> Path:
     """Cache file of a "before" PTQ method's result, keyed like the calibration without the calibrator: the
     method sees only the float model (``weights``) and the calibration clips (``data``), so runs differing
     only in the calibrator share one."""
-    key = run_key({**{k: axes[k] for k in ("model", "task", "precision", "scope", "ptq", "calibration", "seed")},
-                   "weights": weights, "data": data})
-    return Path(cfg.paths.cache) / "ptq_before" / f"{key}.pt"
+    return stage_cache(cfg, "ptq_before", axes, weights, data, ptq=axes["ptq"])
 
 
 def module_tree(model: torch.nn.Module) -> tuple[list, dict]:
