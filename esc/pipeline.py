@@ -157,8 +157,10 @@ def check_weights(model: torch.nn.Module, name: str) -> None:
 
 def fp32_metrics(cfg: DictConfig, axes: dict[str, Any], task, bundle, weights: str) -> dict[str, float]:
     """FP32 metrics of the model on the task, cached per model config, ``weights`` fingerprint, task
-    config, data content and seed under ``paths.cache``."""
-    key = run_key({"model": axes["model"], "weights": weights, "task": axes["task"], "data": task.data_hashes,
+    config without its ``calibration_options`` (so e.g. another ESC fitness reuses them), data content and
+    seed under ``paths.cache``."""
+    evaluated = {k: v for k, v in axes["task"].items() if k not in task.calibration_options}
+    key = run_key({"model": axes["model"], "weights": weights, "task": evaluated, "data": task.data_hashes,
                    "seed": axes["seed"]})
     path = Path(cfg.paths.cache) / "fp32" / f"{key}.json"
     cached = read_row(path)

@@ -286,6 +286,26 @@ def test_before_ptq_runs_share_one_cached_transform(tmp_path):
     assert fresh["ptq_cached"] is False and clip(fresh) == clip(restored) and fresh["quantized"] == restored["quantized"]
 
 
+def test_fp32_metrics_cache_ignores_calibration_only_task_options(tmp_path):
+    """Runs differing only in a calibration option of the task share one FP32 evaluation; a test-split option does not."""
+    sweep(tmp_path, "hydra/launcher=basic", "precision=w8a8", "calibrator=minmax", "task.calibration_batch_size=4,8")
+    fp32 = lambda: list((tmp_path / "cache" / "fp32").glob("*.json"))
+    assert len(read_rows([tmp_path / "rows" / "tiny"])) == 2 and len(fp32()) == 1
+    sweep(tmp_path, "hydra/launcher=basic", "precision=w8a8", "calibrator=minmax", "task.max_test_clips=5")
+    assert len(fp32()) == 2
+
+
+@pytest.mark.parametrize("name", ["kws", "tagging", "asr"])
+def test_calibration_options_name_constructor_arguments(name):
+    """A misspelt entry of ``calibration_options`` would silently keep that option in the FP32 key."""
+    import inspect
+
+    from hydra.utils import get_class
+
+    cls = get_class(compose([f"task={name}"]).task._target_)
+    assert cls.calibration_options and set(cls.calibration_options) <= set(inspect.signature(cls).parameters)
+
+
 def test_weights_fingerprint_changes_with_any_weight():
     import torch
 

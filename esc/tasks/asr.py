@@ -180,6 +180,7 @@ class ASRTask(Task):
     name = "asr"
     metric = "WER"
     higher_is_better = False
+    calibration_options = ("calibration_batch_size", "fitness_loss", "eos_margin", "eos_weight")
 
     def __init__(self, data_dir: Optional[str] = "data/asr", voices: Sequence[str] = ("piper", "espeak"),
                  num_test: int = 30, num_train: int = 32, test_seed: int = 1000, train_seed: int = 2000,

@@ -45,6 +45,8 @@ class Task:
             set by :meth:`prepare`; result rows record it, so two rows name the same bytes.
         revisions: hub data set -> the commit it was loaded from (hub tasks only), set by :meth:`prepare`.
         skipped_files: messages of the undecodable files left out (``skip_bad_files``; hub tasks only).
+        calibration_options: options of the task's config that shape only the calibration batches or the
+            calibration loss, never :meth:`evaluate`; the FP32 metrics cache leaves them out of its key.
     """
 
     name = "task"
@@ -53,6 +55,7 @@ class Task:
     data_hashes: dict[str, str] = {}
     revisions: dict[str, str] = {}
     skipped_files: list[str] = []
+    calibration_options: tuple[str, ...] = ()
 
     @classmethod
     def check_options(cls, options: Mapping[str, Any]) -> None:

@@ -58,6 +58,7 @@ class KeywordSpottingTask(Task):
     name = "kws"
     metric = "accuracy"
     higher_is_better = True
+    calibration_options = ("calibration_batch_size",)
 
     def __init__(self, data_dir: str = "data/kws", seed: int = 0, eval_batch_size: int = 256,
                  calibration_batch_size: int = 32, max_test_clips: Optional[int] = None, subset_seed: int = 0,

@@ -118,6 +118,7 @@ class AudioTaggingTask(Task):
     name = "tagging"
     metric = "mAP"
     higher_is_better = True
+    calibration_options = ("calibration_clips", "calibration_seed", "loss", "cache_fp32")
 
     def __init__(self, data_dir: str = "data/tagging", num_clips: int = 720, seed: int = 0,
                  calibration_clips: int = 256, calibration_seed: int = 1, classes: Sequence[str] = CLASSES,
