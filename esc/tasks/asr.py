@@ -169,8 +169,7 @@ class ASRTask(Task):
         spelling_map: optional path of Whisper's ``english.json`` for the normaliser.
         fitness_loss / eos_margin / eos_weight: the calibration loss, ``"ce"`` or ``"ce_eos_margin"``, and
             the hinge's margin and weight (see :mod:`esc.tasks.asr_fitness`).
-        clips: ``{"test": [Clip...], "train": [Clip...]}`` given directly (tests, own data);
-            overrides the synthesised splits.
+        clips: ``{"test": [Clip...], "train": [Clip...]}`` given directly (tests, own data): overrides the synthesised splits.
         max_test_clips / subset_seed: a fixed random subset of the test clips (``None``: all; ``data_hashes``
             name the whole split). Not in ``conf/task/asr.yaml``, so row keys stay: ``+task.max_test_clips=N``.
         progress: show tqdm bars.
