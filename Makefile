@@ -59,7 +59,6 @@ ptq: demo-models  ## PTQ methods x calibrators on the KWS AST, YAMNet and Whispe
 	$(PY) -m esc.run -m +experiment=ptq hydra.launcher.n_jobs=$(JOBS)
 	$(PY) -m esc.run -m +experiment=ptq_yamnet hydra.launcher.n_jobs=$(JOBS)
 	$(PY) -m esc.run -m +experiment=ptq_whisper_kws hydra.launcher.n_jobs=$(JOBS)
-	$(PY) -m esc.run -m +experiment=ptq_whisper_kws calibrator=esc ptq=none,bias_correction,adaround,brecq,qdrop,noisyquant hydra.launcher.n_jobs=$(JOBS)
 	$(REPORT) --study ptq
 
 ablations: demo-models  ## the ablation sweeps of figure 5 (calibration size, ESC budget, population, fitness, start) -> results/ablation_*/
