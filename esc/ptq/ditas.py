@@ -8,6 +8,7 @@ from typing import Mapping, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from esc.calibrators.base import CalibrationData
 from esc.calibrators.weights import WEIGHT_CLIPS
@@ -271,7 +272,7 @@ class DiTAS(SmoothQuant):
             return
         reference = first_batch_outputs(model, data) if self.verify else None
         names = [n for n, m in model.named_modules() if type(m) is nn.Linear and matches(n, self.patterns) and not matches(n, self.exclude)]
-        for name in names:
+        for name in tqdm(names, desc=f"{self.name} compensation", leave=False):
             parent, _, child = name.rpartition(".")
             owner = model.get_submodule(parent) if parent else model
             linear = getattr(owner, child)

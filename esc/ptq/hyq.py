@@ -10,6 +10,7 @@ from typing import Sequence
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from esc.calibrators.base import CalibrationData
 from esc.ptq.base import PTQMethod
@@ -200,7 +201,7 @@ class HyQ(PTQMethod):
         reference = first_batch_outputs(model, data)
         generator = torch.Generator().manual_seed(self.seed)
         self.stats = {}
-        for producer_name, conv_name in self.candidates(model, data):
+        for producer_name, conv_name in tqdm(self.candidates(model, data), desc=self.name, leave=False):
             producer, conv = model.get_submodule(producer_name), model.get_submodule(conv_name)
             probe = torch.empty(conv.in_channels).uniform_(0.5, 2.0, generator=generator)
             if not self.try_fold(model, data, producer, conv, probe, reference, keep=False):
@@ -210,6 +211,7 @@ class HyQ(PTQMethod):
             alpha, first, best = self.search(conv, self.conv_input(model, data, conv))
             if self.try_fold(model, data, producer, conv, alpha, reference, keep=True):
                 self.stats[conv_name] = {"producer": producer_name, "loss_identity": first, "loss_scaled": best}
+                log.info("%s: %s scaled (folded into %s): loss %.4g -> %.4g", self.name, conv_name, producer_name, first, best)
         if not self.stats:
             raise QuantizationError("HyQ: no convolution qualifies for distribution scaling; QADS needs a Conv1d/Conv2d "
                                     f"matching layers={list(self.layers)} whose input is a Conv or affine BatchNorm output, "

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from esc.calibrators.base import CalibrationData
 from esc.ptq.base import PTQMethod
@@ -72,7 +73,7 @@ class SmoothQuant(PTQMethod):
         groups, act_max = self.find_groups(model, data)
         reference = first_batch_outputs(model, data) if self.verify else None
         self.groups, self.scales = {}, {}
-        for norm_name, lin_names in groups.items():
+        for norm_name, lin_names in tqdm(groups.items(), desc=self.name, leave=False):
             norm = model.get_submodule(norm_name)
             linears = [model.get_submodule(n) for n in lin_names]
             s = self.group_scales(norm_name, act_max[norm_name], linears)
