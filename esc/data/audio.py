@@ -15,6 +15,19 @@ class AudioLoadError(ValueError):
     """An audio file is missing, unreadable or empty."""
 
 
+def float_to_pcm(x: np.ndarray) -> np.ndarray:
+    """Float audio in [-1, 1] -> int16 PCM (``round(x * 32768)``, clipped at full scale). Stored data sets pass
+    through this grid, so ULP-level differences of float maths between CPUs (numpy's SIMD ``sin``) vanish."""
+    return np.round(np.clip(x, -1.0, 32767 / 32768) * 32768).astype(np.int16)
+
+
+def pcm_to_float(pcm: np.ndarray) -> np.ndarray:
+    """int16 PCM -> float32 in [-1, 1) (float input is returned as float32)."""
+    if pcm.dtype == np.int16:
+        return pcm.astype(np.float32) / 32768.0
+    return pcm.astype(np.float32, copy=False)
+
+
 def load_audio(path: str | Path, sample_rate: int = 16000, mono: bool = True) -> np.ndarray:
     """Read ``path`` as float32 in [-1, 1] at ``sample_rate``.
 

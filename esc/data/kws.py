@@ -49,7 +49,7 @@ from tqdm import tqdm
 
 from esc.core.files import RefusedFileError
 from esc.data import espeak
-from esc.data.audio import content_hash
+from esc.data.audio import content_hash, float_to_pcm, pcm_to_float
 
 log = logging.getLogger(__name__)
 
@@ -107,13 +107,6 @@ class KWSConfig:
     def num_samples(self) -> int:
         """Samples per clip."""
         return int(round(self.sample_rate * self.clip_seconds))
-
-
-def pcm_to_float(pcm: np.ndarray) -> np.ndarray:
-    """int16 PCM -> float32 in [-1, 1) (float input is returned as float32)."""
-    if pcm.dtype == np.int16:
-        return pcm.astype(np.float32) / 32768.0
-    return pcm.astype(np.float32, copy=False)
 
 
 @dataclass
@@ -240,7 +233,7 @@ def generate_split(config: KWSConfig, split: str, voices: list[str], progress: b
                 snr = rng.uniform(*config.snr_db)
                 rms = float(np.sqrt(np.mean(clip[mask] ** 2)))
                 clip = clip + _noise(rng, kind, n) * rms * 10 ** (-snr / 20)
-            out[start + i] = np.round(np.clip(clip, -1.0, 32767 / 32768) * 32768).astype(np.int16)
+            out[start + i] = float_to_pcm(clip)
         bar.update(len(batch))
     bar.close()
     labels = np.array([j[1] for j in jobs], dtype=np.int64)

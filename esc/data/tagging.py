@@ -2,7 +2,10 @@
 
 Every clip is generated from ``numpy.random.default_rng([seed, clip_index])`` (so one clip does not
 depend on the others or on the clip count), at ``sample_rate`` (16 kHz), ``clip_samples`` long
-(default 23280 = 1.455 s: exactly two YAMNet patches with no end padding). Sets are cached as
+(default 23280 = 1.455 s: exactly two YAMNet patches with no end padding), on the 16-bit PCM grid
+(float32 ``k / 32768``): numpy's transcendental functions differ in the last bit between CPUs (its
+AVX-512 ``sin`` against the AVX2 one moves 8 float32 samples of 720 test clips by 1.5e-8), and the grid
+absorbs that, so every machine writes the same bytes. Sets are cached as
 ``<cache_dir>/<split>-<hash>.npz`` (``data/tagging/`` by default; the hash covers every
 generation parameter and :data:`GENERATOR_VERSION`); the file also stores the set's content hash
 (:attr:`TaggingSet.sha256`), which result rows record.
@@ -49,11 +52,11 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from esc.core.files import read_npz
-from esc.data.audio import content_hash
+from esc.data.audio import content_hash, float_to_pcm, pcm_to_float
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 2  # 2: deterministic eSpeak speech (esc.data.espeak)
+GENERATOR_VERSION = 3  # 2: deterministic eSpeak speech (esc.data.espeak); 3: clips on the int16 PCM grid
 CLASSES: tuple[str, ...] = ("Speech", "Sine wave", "Beep, bleep", "Dial tone", "Telephone dialing, DTMF",
                             "White noise", "Pink noise", "Clicking", "Silence")
 DEFAULT_CLIP_SAMPLES = 23280  # 15600 (one 0.96 s YAMNet patch incl. the STFT window) + 7680 (one 0.48 s hop)
@@ -216,7 +219,7 @@ def make_clip(spec: TaggingSpec, index: int, classes: Sequence[str]) -> np.ndarr
     rng = np.random.default_rng([spec.seed, index])
     n, sr = spec.clip_samples, spec.sample_rate
     if list(classes) == ["Silence"]:
-        return (rng.standard_normal(n) * 10 ** (spec.silence_dither_db / 20)).astype(np.float32)
+        return pcm_to_float(float_to_pcm(rng.standard_normal(n) * 10 ** (spec.silence_dither_db / 20)))
     mix = np.zeros(n)
     for k, name in enumerate(classes):
         if name not in GENERATORS:
@@ -228,7 +231,7 @@ def make_clip(spec: TaggingSpec, index: int, classes: Sequence[str]) -> np.ndarr
     peak = np.abs(mix).max()
     if peak > 0.99:
         mix *= 0.99 / peak
-    return mix.astype(np.float32)
+    return pcm_to_float(float_to_pcm(mix))
 
 
 def clip_classes(spec: TaggingSpec) -> list[list[str]]:

@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from esc.data.kws import KWSConfig, load_kws, pcm_to_float
+from esc.data.audio import pcm_to_float
+from esc.data.kws import KWSConfig, load_kws
 from esc.models.ast import AST, ASTConfig, FrontendConfig, LogMelFrontend
 from esc.core.files import save_checkpoint
 from esc.models.checkpoint import recipe_provenance

@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from esc.data.kws import KWSConfig, load_kws, pcm_to_float
+from esc.data.audio import pcm_to_float
+from esc.data.kws import KWSConfig, load_kws
 from esc.models.whisper_kws import ClipLogMel, WhisperKWS, whisper_encoder
 from esc.core.files import load_plain, save_checkpoint
 from esc.models.checkpoint import recipe_provenance

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from esc.calibrators.base import CalibrationData
-from esc.data.kws import KWSSplit, config_from_kwargs, load_kws, pcm_to_float
+from esc.data.audio import pcm_to_float
+from esc.data.kws import KWSSplit, config_from_kwargs, load_kws
 from esc.core.bundle import ModelBundle
 from esc.tasks.base import Task, require_finite, subset_indices
 
