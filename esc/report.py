@@ -11,9 +11,8 @@
 * ``metric_by_calibrator.png``: the metric per calibrator per precision, one panel per model/task;
 * ``esc_fitness.png``: ESC's best and mean fitness per generation (when ESC rows exist);
 * ``pairs.csv`` / ``pairs.md``: for every pair of rows that differ only in the calibrator axis
-  (same model, task, precision, PTQ method, calibration set and seed, hence the same test clips) the
-  metric difference with a 95% paired bootstrap interval; ``n.s.`` marks intervals that contain
-  zero, so nobody reads noise as a result;
+  (same model, task, precision, PTQ method, calibration set, seed and data hashes: the same test clips) the
+  metric difference with a 95% paired bootstrap interval; ``n.s.``: the interval contains zero;
 * ``provenance.md``: how many rows came from which commit (``-dirty`` with the diff hash for a
   modified tree); writing into ``results/`` is refused when the checkout or any row is dirty,
   unless ``--allow-dirty``;
@@ -25,8 +24,8 @@
   over population x FP32 passes; the local step in generations);
 
 Rows that share model, task, precision, calibrator, PTQ method and seed but differ in another
-setting (an ablation's ``calibrator.generations``, a smaller ``calibration.num_samples``) are told
-apart by a ``setting`` label naming the differing config values, in every table.
+setting (an ablation's ``calibrator.generations``, a smaller ``calibration.num_samples``, other data
+bytes) are told apart by a ``setting`` label naming the differing values, in every table.
 * ``rows/``: a copy of the raw rows and per-sample results (what notebooks and later reports read
   when ``experiments/`` is absent, e.g. on a fresh clone).
 """
@@ -77,15 +76,20 @@ def _flatten(node) -> dict[str, str]:
     return {k: json.dumps(v) for k, v in flat.items() if not (isinstance(v, str) and v.startswith("${paths."))}
 
 
+def setting(row: dict) -> dict[str, str]:
+    """A row's flattened config (:func:`_flatten`) plus its splits' content hashes (``data.test``, ...): other bytes never merge."""
+    return {**_flatten(row.get("axes", {})), **{f"data.{k}": v for k, v in (row.get("data_hashes") or {}).items()}}
+
+
 def setting_labels(rows: list[dict]) -> dict[str, str]:
-    """Per row key, the config values that set the row apart from the other rows with the same model,
-    task, precision, calibrator, PTQ method and seed (``"calibration.num_samples=32"``); ``""`` when none."""
+    """Per row key, the config values or data hashes that set the row apart from the other rows with the same
+    model, task, precision, calibrator, PTQ method and seed (``"calibration.num_samples=32"``); ``""`` when none."""
     groups = defaultdict(list)
     for r in rows:
         groups[tuple(r.get(a) for a in PAIR_AXES)].append(r)
     labels = {}
     for group in groups.values():
-        flat = [_flatten(r.get("axes", {})) for r in group]
+        flat = [setting(r) for r in group]
         differing = [k for k in sorted(set().union(*flat)) if len({f.get(k) for f in flat}) > 1]
         for r, f in zip(group, flat):
             labels[r["key"]] = ", ".join(f"{k}={f.get(k, 'unset')}" for k in differing)
@@ -239,19 +243,18 @@ def metric_function(task_class: str):
 
 def pair_table(rows: list[dict], rows_dir: Path, n_boot: int = 1000, axis: str = "calibrator",
                baseline: str | None = None) -> pd.DataFrame:
-    """Paired bootstrap CI of the metric difference between rows whose config differs only in ``axis``
-    (``calibrator``: every calibrator pair; ``ptq`` with ``baseline="none"``: each PTQ method
-    against calibration alone), on the same test clips. Rows with a setting label
-    (:func:`setting_labels`) carry it in ``value`` / ``versus``."""
+    """Paired bootstrap CI of the metric difference between rows whose config and data differ only in ``axis``
+    (``calibrator``: every pair; ``ptq`` with ``baseline="none"``: each PTQ method against calibration alone),
+    on the same test clips. Rows with a setting label (:func:`setting_labels`) carry it in ``value`` / ``versus``."""
     ok = [{**r, "scope": row_scope(r)} for r in rows
           if r.get("status") == "ok" and r.get("precision") != "fp32" and r.get("task_class")]
     labels = setting_labels(ok)
     fixed = [a for a in PAIR_AXES if a != axis]
     order = CALIBRATOR_ORDER if axis == "calibrator" else [baseline] if baseline else []
 
-    def group_key(r: dict) -> tuple:  # every config axis but ``axis`` (names first, for a readable order)
+    def group_key(r: dict) -> tuple:  # every config axis but ``axis`` and the data (names first, for a readable order)
         rest = {k: v for k, v in r.get("axes", {}).items() if k != axis}
-        return tuple(str(r[a]) for a in fixed), json.dumps(_flatten(rest), sort_keys=True)
+        return tuple(str(r[a]) for a in fixed), json.dumps(setting({**r, "axes": rest}), sort_keys=True)
 
     out = []
     for _, group in itertools.groupby(sorted(ok, key=group_key), key=group_key):
