@@ -32,7 +32,7 @@ import torch
 import torchaudio
 
 from esc.core.files import read_npz
-from esc.data.audio import content_hash
+from esc.data.audio import content_hash, pcm_to_float
 from esc.data.sentences import generate_sentences
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ def synthesize_piper(text: str, rate: float = 1.0, sample_rate: int = 16000, mod
     chunks = [c.audio_int16_array for c in voice.synthesize(text, cfg)]
     if not chunks:
         raise RuntimeError(f"Piper produced no audio for {text!r}")
-    wav = torch.from_numpy(np.concatenate(chunks).astype(np.float32) / 32768.0)
+    wav = torch.from_numpy(pcm_to_float(np.concatenate(chunks)))
     return torchaudio.functional.resample(wav, voice.config.sample_rate, sample_rate).numpy()
 
 

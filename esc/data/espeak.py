@@ -32,6 +32,8 @@ import numpy as np
 import torch
 import torchaudio
 
+from esc.data.audio import pcm_to_float
+
 log = logging.getLogger(__name__)
 
 # English language voices shipped with espeak-ng (en-Shaw, the Shavian-script voice, is left out).
@@ -152,7 +154,7 @@ def synthesize(text: str, voice: str = "en-us", rate: int = 175, pitch: int = 50
     """
     eng = _engine()
     pcm = synthesize_native(text, voice, rate, pitch, pitch_range, volume)
-    wav = torch.from_numpy(pcm.astype(np.float32) / 32768.0)
+    wav = torch.from_numpy(pcm_to_float(pcm))
     if sample_rate != eng.sample_rate:
         wav = torchaudio.functional.resample(wav, eng.sample_rate, sample_rate)
     out = wav.numpy().astype(np.float32, copy=False)

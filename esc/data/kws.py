@@ -223,7 +223,7 @@ def generate_split(config: KWSConfig, split: str, voices: list[str], progress: b
         width = max(p.size for p in pcms)
         padded = np.zeros((len(pcms), width), dtype=np.float32)
         for i, p in enumerate(pcms):
-            padded[i, :p.size] = p.astype(np.float32) / 32768.0
+            padded[i, :p.size] = pcm_to_float(p)
         res = torchaudio.functional.resample(torch.from_numpy(padded), native, config.sample_rate).numpy()
         for i, p in enumerate(pcms):
             speech = res[i, :int(np.ceil(p.size * config.sample_rate / native))].astype(np.float64)
