@@ -3,11 +3,13 @@
 ``python -m esc.run [group=option ...]`` runs one configuration; ``python -m esc.run -m ...`` sweeps a
 grid (joblib locally, submitit on Slurm). The stages of a run live in :mod:`esc.pipeline`; this
 module keys the run, skips a finished row (unless its requested ``export=<dir>`` ONNX file is
-missing), and writes the row with its provenance. A run that raises writes an error row (and,
+missing, or the row's ``data_hashes`` differ from the data the task loads now: a key hashes the
+config, not the data), and writes the row with its provenance. A run that raises writes an error row (and,
 inside a sweep, lets the other runs go on).
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -22,11 +24,11 @@ import numpy as np
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from esc.config import register_resolvers
 from esc.core.errors import UserError
-from esc.pipeline import component_name, execute, export_path, run_axes, validate
+from esc.pipeline import build, component_name, execute, export_path, run_axes, validate
 from esc.results import is_finished, provenance, read_row, row_path, run_key, write_json_atomic
 
 log = logging.getLogger("esc.run")
@@ -65,6 +67,25 @@ def finish_row(cfg: DictConfig, axes: dict[str, Any], key: str, out: dict[str, A
             "axes": axes, "finished_at": datetime.now(timezone.utc).isoformat(), **provenance()}
 
 
+@functools.lru_cache(maxsize=16)
+def _load_data_hashes(task_json: str) -> dict[str, str] | None:
+    return build(OmegaConf.create(json.loads(task_json))).load_data_hashes()
+
+
+def current_data_hashes(cfg: DictConfig) -> dict[str, str] | None:
+    """Content hashes of the data the run's task loads now (:meth:`esc.tasks.base.Task.load_data_hashes`,
+    no model built), once per task config and process; ``None`` when the task cannot tell before preparing."""
+    return _load_data_hashes(json.dumps(OmegaConf.to_container(cfg.task, resolve=True), sort_keys=True))
+
+
+def changed_splits(recorded: dict[str, str], current: dict[str, str] | None) -> list[str]:
+    """The data splits whose hash in a finished row (``recorded``) differs from ``current`` (none when
+    ``current`` is ``None``: unknown)."""
+    if current is None:
+        return []
+    return sorted(k for k in {*recorded, *current} if recorded.get(k) != current.get(k))
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run one configuration unless its row is already finished; return the row.
 
@@ -79,8 +100,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     path = row_path(rows_dir, key)
     onnx_path = export_path(cfg, key)
     if is_finished(rows_dir, key) and (onnx_path is None or onnx_path.is_file()):
-        log.info("Row %s already finished (%s): skipping", key, path)
-        return read_row(path)
+        changed = changed_splits(read_row(path).get("data_hashes", {}), current_data_hashes(cfg))
+        if not changed:
+            log.info("Row %s already finished (%s): skipping", key, path)
+            return read_row(path)
+        log.warning("Row %s was made on other data than the task loads now (splits %s changed: a new data generator "
+                    "version or replaced files): running it again", key, ", ".join(changed))
     log.info("Run %s -> %s", key, path)
     try:
         row = finish_row(cfg, axes, key, execute(cfg, axes), path.with_suffix(".samples.npz"))

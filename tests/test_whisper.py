@@ -22,7 +22,8 @@ from esc.models.whisper_frontend import WhisperLogMel
 from esc.models.whisper_random import tiny_ct2_whisper
 from esc.models.whisper_tokenizer import char_tokenizer
 from esc.quant.model import QuantSpec, quantize_model
-from esc.tasks.asr import ASRTask, greedy_decode
+from esc.tasks.asr import ASRTask
+from esc.tasks.whisper_decoding import greedy_decode
 from esc.tasks.asr_fitness import token_cross_entropy
 
 torch.set_num_threads(1)

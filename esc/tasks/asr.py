@@ -27,7 +27,6 @@ margin where the transcript ends, which sees decoding loops (``ce_eos_margin``; 
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -43,8 +42,9 @@ from esc.calibrators.base import CalibrationData
 from esc.data.asr import DEFAULT_ESPEAK_VOICES, Clip, clips_hash, make_clips
 from esc.core.bundle import ModelBundle
 from esc.core.errors import UserError
-from esc.tasks.asr_fitness import IGNORE, check_fitness_options, fitness_loss
+from esc.tasks.asr_fitness import check_fitness_options, fitness_loss
 from esc.tasks.base import Task, require_finite, subset_indices
+from esc.tasks.whisper_decoding import greedy_decode, teacher_forced_logits, teacher_forcing_batch
 
 log = logging.getLogger(__name__)
 
@@ -65,85 +65,6 @@ def english_normalizer(spelling_map: Optional[str | Path] = None):
 
 #: A hypothesis at least this many times as long as its reference (in words) counts as a decoding loop.
 LOOP_FACTOR = 2.0
-
-
-@torch.no_grad()
-def greedy_decode(model: nn.Module, features: torch.Tensor, prompt_ids: Sequence[int], eos_id: int,
-                  max_new_tokens: int, suppress_ids: Sequence[int] = (), suppress_ids_begin: Sequence[int] = ()) -> list[list[int]]:
-    """Greedy transcripts (token ids after the prompt, without ``eos_id``) of a batch of features.
-
-    ``model`` is a ``WhisperForConditionalGeneration`` or a :class:`~esc.quant.model.QuantizedModel`
-    wrapping one (called with keyword arguments; the encoder runs once, the decoder uses its KV cache).
-    """
-    b = features.shape[0]
-    ids = torch.tensor(list(prompt_ids), dtype=torch.long).repeat(b, 1)
-    with prompt_prefix(model):
-        out = model(input_features=features, decoder_input_ids=ids, use_cache=True)
-    cache, enc = out.cache, out.encoder_last_hidden_state
-    finished = torch.zeros(b, dtype=torch.bool)
-    tokens: list[torch.Tensor] = []
-    suppress = torch.tensor(list(suppress_ids), dtype=torch.long)
-    begin = torch.tensor(list(suppress_ids_begin), dtype=torch.long)
-    logits = out.logits[:, -1].float()
-    for step in range(max_new_tokens):
-        if len(suppress):
-            logits[:, suppress] = -float("inf")
-        if step == 0 and len(begin):
-            logits[:, begin] = -float("inf")
-        nxt = logits.argmax(-1)
-        nxt = torch.where(finished, torch.full_like(nxt, eos_id), nxt)
-        tokens.append(nxt)
-        finished |= nxt == eos_id
-        if bool(finished.all()) or step == max_new_tokens - 1:
-            break
-        out = model(encoder_outputs=(enc,), decoder_input_ids=nxt[:, None], cache=cache, use_cache=True)
-        cache, logits = out.cache, out.logits[:, -1].float()
-    seqs = torch.stack(tokens, 1).tolist() if tokens else [[] for _ in range(b)]
-    return [s[: s.index(eos_id)] if eos_id in s else s for s in seqs]
-
-
-def teacher_forcing_batch(features: torch.Tensor, transcripts: Sequence[Sequence[int]], prompt_ids: Sequence[int],
-                          eos_id: int) -> dict[str, torch.Tensor]:
-    """``{"input_features", "decoder_input_ids", "labels", "prompt_length"}`` for teacher forcing on ``transcripts``.
-
-    ``decoder_input_ids[i] = prompt + transcript_i`` right-padded with ``eos_id``; ``labels[i, t]``
-    is the token after position ``t`` (``transcript_i + [eos]`` from the last prompt position on),
-    ``-100`` elsewhere.
-    """
-    p = len(prompt_ids)
-    length = p + max(len(t) for t in transcripts)
-    ids = torch.full((len(transcripts), length), eos_id, dtype=torch.long)
-    labels = torch.full((len(transcripts), length), IGNORE, dtype=torch.long)
-    for i, t in enumerate(transcripts):
-        seq = list(prompt_ids) + list(t)
-        ids[i, : len(seq)] = torch.tensor(seq)
-        target = list(t) + [eos_id]
-        labels[i, p - 1: p - 1 + len(target)] = torch.tensor(target)
-    return {"input_features": features, "decoder_input_ids": ids, "labels": labels, "prompt_length": p}
-
-
-def prompt_prefix(model: nn.Module):
-    """The model's context for running the fixed prompt positions (a quantized model with a float
-    prompt prefix keeps its decoder quantizers off there), else a no-op."""
-    ctx = getattr(model, "prefix_in_float", None)
-    return ctx() if ctx is not None and getattr(model, "prefix_quantizers", None) else contextlib.nullcontext()
-
-
-def teacher_forced_logits(model: nn.Module, batch: dict) -> torch.Tensor:
-    """Decoder logits ``[B, L, vocab]`` of ``model`` teacher-forced on ``batch["decoder_input_ids"]``.
-
-    A model with a float prompt prefix runs the ``batch["prompt_length"]`` prompt positions first
-    (in :func:`prompt_prefix`, filling the KV cache) and the transcript positions after, as greedy
-    decoding does; otherwise one pass over all positions.
-    """
-    ids = batch["decoder_input_ids"]
-    if not getattr(model, "prefix_quantizers", None):
-        return model(input_features=batch["input_features"], decoder_input_ids=ids, use_cache=False).logits
-    p = int(batch["prompt_length"])
-    with prompt_prefix(model):
-        head = model(input_features=batch["input_features"], decoder_input_ids=ids[:, :p], use_cache=True)
-    rest = model(encoder_outputs=(head.encoder_last_hidden_state,), decoder_input_ids=ids[:, p:], cache=head.cache, use_cache=True)
-    return torch.cat([head.logits, rest.logits], dim=1)
 
 
 def _pad(waves: Sequence[np.ndarray]) -> torch.Tensor:
@@ -221,6 +142,16 @@ class ASRTask(Task):
         require_finite([c.wave for c in self.test_clips], self.name, "test", fix)
         require_finite([c.wave for c in self.train_clips], self.name, "train", fix)
 
+    def load_clips(self) -> None:
+        """Load ``test_clips`` and ``train_clips`` (synthesised on first use), check them and set :attr:`data_hashes`."""
+        self.test_clips, self.train_clips = self._split("test"), self._split("train")
+        self.check_clips()
+        self.data_hashes = {"test": clips_hash(self.test_clips), "train": clips_hash(self.train_clips)}
+
+    def load_data_hashes(self) -> dict[str, str]:
+        """``{"test", "train"}`` content hashes (:func:`esc.data.asr.clips_hash`) of the clips :meth:`load_clips` loads."""
+        return {split: clips_hash(self._split(split)) for split in ("test", "train")}
+
     def _split(self, split: str) -> list[Clip]:
         if self.given_clips is not None:
             clips = list(self.given_clips.get(split, []))
@@ -247,9 +178,7 @@ class ASRTask(Task):
                                 f"but task {self.name} decodes with Whisper's decoder; for a CTC model use "
                                 "task._target_=esc.tasks.hub.HubCTCASRTask (the asr_wav2vec2_* / asr_conformer_* pairs do)")
         self.bundle, self.extras = bundle, bundle.extras
-        self.test_clips, self.train_clips = self._split("test"), self._split("train")
-        self.check_clips()
-        self.data_hashes = {"test": clips_hash(self.test_clips), "train": clips_hash(self.train_clips)}
+        self.load_clips()
         self.test_clips = [self.test_clips[i] for i in subset_indices(len(self.test_clips), self.max_test_clips, self.subset_seed)]
         self.test_features = self._features(self.test_clips)
         self.references = [self.normalizer(c.text) for c in self.test_clips]

@@ -1,7 +1,7 @@
 """ESC fitness losses of the Whisper ASR task (``task.fitness_loss``), on teacher-forced decoder logits.
 
 Both are per-sample losses ``[B]`` of the logits ``[B, L, vocab]`` of a batch made by
-:func:`esc.tasks.asr.teacher_forcing_batch` (``labels`` = the FP32 model's transcript + ``[eos]``,
+:func:`esc.tasks.whisper_decoding.teacher_forcing_batch` (``labels`` = the FP32 model's transcript + ``[eos]``,
 ``-100`` elsewhere):
 
 * ``ce`` (default; :func:`token_cross_entropy`): the mean token cross entropy over the labelled

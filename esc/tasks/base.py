@@ -29,6 +29,11 @@ def subset_indices(n: int, max_clips: int | None, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size=int(max_clips), replace=False))
 
 
+def split_hashes(splits: Mapping[str, Any]) -> dict[str, str]:
+    """``{split name: split.sha256}`` of the data splits a task loaded (KWS and tagging sets carry their hash)."""
+    return {name: split.sha256 for name, split in splits.items()}
+
+
 class Task:
     """Base class of tasks (keyword spotting, audio tagging, ASR).
 
@@ -42,7 +47,8 @@ class Task:
         metric: name of the headline metric (``accuracy``, ``mAP``, ``WER``).
         higher_is_better: direction of the headline metric.
         data_hashes: content hash of every data split the task uses (``{"test": ..., "train": ...}``),
-            set by :meth:`prepare`; result rows record it, so two rows name the same bytes.
+            set by :meth:`prepare`; result rows record it, so two rows name the same bytes, and the
+            runner reruns a finished row whose hashes differ from :meth:`load_data_hashes`.
         revisions: hub data set -> the commit it was loaded from (hub tasks only), set by :meth:`prepare`.
         skipped_files: messages of the undecodable files left out (``skip_bad_files``; hub tasks only).
         calibration_options: options of the task's config that shape only the calibration batches or the
@@ -66,6 +72,12 @@ class Task:
     def prepare(self, bundle: ModelBundle) -> None:
         """Load the data and cache front-end features for ``bundle``."""
         raise NotImplementedError
+
+    def load_data_hashes(self) -> dict[str, str] | None:
+        """The :attr:`data_hashes` that :meth:`prepare` would set, without a model (the data synthesised on
+        first use like :meth:`prepare` does); ``None`` when they cannot be known more cheaply than by
+        preparing (the base class; hub data sets, pinned by their ``revisions`` instead)."""
+        return None
 
     def evaluate(self, model: nn.Module) -> dict:
         """Metrics of ``model`` on the test split.

@@ -39,7 +39,6 @@ from torch import nn
 
 from esc.calibrators.base import CalibrationData
 from esc.data import hub as hubdata
-from esc.data.asr import clips_hash
 from esc.core.bundle import ModelBundle
 from esc.core.errors import UserError
 from esc.tasks.asr import ASRTask, _pad
@@ -49,8 +48,18 @@ from esc.tasks.tagging import AudioTaggingTask
 log = logging.getLogger(__name__)
 
 
+class HubData:
+    """Mixin of the hub tasks: their data hashes are known only once prepared (hashing a hub data set means
+    downloading and decoding it), so a finished row is not checked against the current data; its
+    ``revisions`` pin the data set instead."""
+
+    def load_data_hashes(self) -> None:
+        """``None``: see the class docstring."""
+        return None
+
+
 # ------------------------------------------------------------------------------ KWS
-class HubKeywordSpottingTask(KeywordSpottingTask):
+class HubKeywordSpottingTask(HubData, KeywordSpottingTask):
     """Keyword spotting on Speech Commands (hub or a local copy); everything else as :class:`KeywordSpottingTask`.
 
     Args:
@@ -87,7 +96,7 @@ class HubKeywordSpottingTask(KeywordSpottingTask):
 
 
 # ------------------------------------------------------------------------------ tagging
-class HubTaggingTask(AudioTaggingTask):
+class HubTaggingTask(HubData, AudioTaggingTask):
     """Zero-shot AudioSet tagging of ESC-50 (ESC-50 categories mapped to AudioSet names); metric and loss as :class:`AudioTaggingTask`.
 
     Args:
@@ -129,7 +138,7 @@ class HubTaggingTask(AudioTaggingTask):
 
 
 # ------------------------------------------------------------------------------ ASR
-class HubASRTask(ASRTask):
+class HubASRTask(HubData, ASRTask):
     """Whisper ASR on LibriSpeech (``config`` = ``clean`` / ``other``); metrics as :class:`ASRTask`.
 
     Args:
@@ -226,9 +235,7 @@ class CTCASRTask(ASRTask):
                                 f"{self.name} decodes with greedy CTC; for Whisper use task._target_=esc.tasks.hub.HubASRTask "
                                 "(+pair=asr_whisper_clean / asr_whisper_other do)")
         self.bundle, self.extras = bundle, bundle.extras
-        self.test_clips, self.train_clips = self._split("test"), self._split("train")
-        self.check_clips()
-        self.data_hashes = {"test": clips_hash(self.test_clips), "train": clips_hash(self.train_clips)}
+        self.load_clips()
         self.test_features = CTCFeatures(bundle, [c.wave for c in self.test_clips], self.eval_batch_size)
         self.references = [self.normalizer(c.text) for c in self.test_clips]
         self._pseudo.clear()

@@ -19,7 +19,7 @@ from esc.calibrators.base import CalibrationData
 from esc.data.audio import pcm_to_float
 from esc.data.kws import KWSSplit, config_from_kwargs, load_kws
 from esc.core.bundle import ModelBundle
-from esc.tasks.base import Task, require_finite, subset_indices
+from esc.tasks.base import Task, require_finite, split_hashes, subset_indices
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,10 @@ class KeywordSpottingTask(Task):
         """The ``train`` (calibration pool) and ``test`` splits; subclasses override it to change the data source."""
         return load_kws(self.data_dir, self.data_config, generate=self.generate, progress=self.progress, splits=("train", "test"))
 
+    def load_data_hashes(self) -> dict[str, str]:
+        """``{"train", "test"}`` content hashes of :meth:`load_splits` (read from the data set's metadata)."""
+        return split_hashes(self.load_splits())
+
     def prepare(self, bundle: ModelBundle) -> None:
         """Load (or synthesise) the data and cache the test features of ``bundle``'s front end."""
         if bundle.sample_rate != self.data_config.sample_rate:
@@ -114,7 +118,7 @@ class KeywordSpottingTask(Task):
         fix = f"delete {self.data_dir} and regenerate it (make data)"
         require_finite(self.train.pcm, self.name, "train", fix)
         require_finite(test.pcm, self.name, "test", fix)
-        self.data_hashes = {"train": self.train.sha256, "test": test.sha256}
+        self.data_hashes = split_hashes(splits)
         self.train_labels = self._model_labels(self.train)
         idx = subset_indices(len(test), self.max_test_clips, self.subset_seed)
         self.test_features = self._features(test.pcm[idx])

@@ -37,7 +37,7 @@ from esc.core.files import read_npz
 from esc.calibrators.base import CalibrationData
 from esc.data.tagging import CLASSES, DEFAULT_CLIP_SAMPLES, TaggingSpec, load_or_generate
 from esc.core.bundle import ModelBundle
-from esc.tasks.base import Task, require_finite
+from esc.tasks.base import Task, require_finite, split_hashes
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +157,10 @@ class AudioTaggingTask(Task):
         return {"test": load_or_generate(self.test_spec, self.data_dir, "test"),
                 "calibration": load_or_generate(self.calib_spec, self.data_dir, "calibration")}
 
+    def load_data_hashes(self) -> dict[str, str]:
+        """``{"test", "calibration"}`` content hashes of :meth:`load_splits`."""
+        return split_hashes(self.load_splits())
+
     def prepare(self, bundle: ModelBundle) -> None:
         """Synthesise/load both splits, cache their front-end features and the FP32 model's clip scores."""
         if bundle.sample_rate != self.test_spec.sample_rate:
@@ -173,7 +177,7 @@ class AudioTaggingTask(Task):
         fix = f"delete the tagging caches in {self.data_dir} so they are synthesised again"
         require_finite(test.waves, self.name, "test", fix)
         require_finite(calib.waves, self.name, "calibration", fix)
-        self.data_hashes = {"test": test.sha256, "calibration": calib.sha256}
+        self.data_hashes = split_hashes(splits)
         self.test_labels, self.calib_labels = test.labels.astype(np.float32), calib.labels.astype(np.float32)
         self.test_features = self._features(bundle.frontend, test.waves)
         self.calib_features = self._features(bundle.frontend, calib.waves)
