@@ -12,7 +12,7 @@ from esc.ptq.adaround import dropped_quantization
 from esc.ptq.brecq import BRECQ, QDrop
 from esc.ptq.common import quantized_layers
 from esc.ptq.noisyquant import NoisyInput, NoisyQuant
-from esc.ptq.rotation import QuantRotatedLinear, RotatedLinear, Rotation, random_rotation
+from esc.ptq.rotation import QuantRotatedLinear, RotatedLinear, Rotation, hadamard, hadamard_transform, random_rotation, rotate
 from esc.quant.model import QuantSpec, quantize_model
 from esc.quant.quantizer import QuantizationError, UniformQuantizer
 from models import heavy_tailed
@@ -307,6 +307,22 @@ def test_rotation_refuses_a_model_whose_float_function_it_would_change():
     with pytest.raises(QuantizationError, match="outside"):
         Rotation().apply(WeightReader().eval(), data)
     Rotation(exclude=["fc"]).apply(WeightReader().eval(), data)  # the way out the message names
+
+
+def test_fast_hadamard_transform_is_the_dense_product():
+    """``hadamard_transform`` (two Kronecker factors) against the dense Sylvester matrix, whose order 4 is written
+    out; a randomised Hadamard rotation through its diagonal equals ``x @ R`` (the path RotatedLinear takes)."""
+    assert torch.equal(hadamard(4), torch.tensor([[1, 1, 1, 1], [1, -1, 1, -1], [1, 1, -1, -1], [1, -1, -1, 1]]).double())
+    g = torch.Generator().manual_seed(0)
+    for d in (1, 2, 8, 32, 128, 2048):
+        x = torch.randn(3, 5, d, generator=g)
+        torch.testing.assert_close(hadamard_transform(x), (x.double() @ hadamard(d)).float(), rtol=0, atol=1e-4 * d ** 0.5)
+        r = random_rotation(d, "hadamard", g)
+        torch.testing.assert_close(rotate(x, r, r[:, 0]), x @ r, rtol=0, atol=1e-5)
+    for dim, expected in ((32, True), (24, False)):  # 24 is no power of two: the orthogonal fallback, dense
+        model = TinyConvTransformer(dim=dim, ff=2 * dim).eval()
+        Rotation().apply(model, make_data(8, 4))
+        assert {m.hadamard_diagonal is not None for m in model.modules() if isinstance(m, RotatedLinear)} == {expected}
 
 
 def test_random_rotation_is_seeded():

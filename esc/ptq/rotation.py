@@ -24,11 +24,14 @@ KINDS = ("hadamard", "orthogonal")
 
 class RotatedLinear(nn.Linear):
     """``nn.Linear`` computing ``(x R) W_r^T + b`` with an orthogonal ``R`` (buffer ``rotation``, ``[in, in]``) and
-    ``W_r = W R``: the function of ``x W^T + b``, with ``x R`` as the tensor its input quantizer sees."""
+    ``W_r = W R``: the function of ``x W^T + b``, with ``x R`` as the tensor its input quantizer sees. For a
+    randomised Hadamard ``R = diag(s) H / sqrt(d)`` the buffer ``hadamard_diagonal`` (``R[:, 0] = s / sqrt(d)``)
+    makes :func:`rotate` use the fast transform instead of the dense product."""
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, rotation: torch.Tensor) -> "RotatedLinear":
-        """A rotated copy of ``linear`` (a new weight parameter, so a weight tied elsewhere is left as is)."""
+    def from_linear(cls, linear: nn.Linear, rotation: torch.Tensor, hadamard: bool = False) -> "RotatedLinear":
+        """A rotated copy of ``linear`` (a new weight parameter, so a weight tied elsewhere is left as is);
+        ``hadamard``: ``rotation`` is a randomised Sylvester Hadamard matrix (see :func:`random_rotation`)."""
         new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
                   device=linear.weight.device, dtype=linear.weight.dtype)
         with torch.no_grad():
@@ -36,10 +39,11 @@ class RotatedLinear(nn.Linear):
             if linear.bias is not None:
                 new.bias.copy_(linear.bias)
         new.register_buffer("rotation", rotation.to(linear.weight))
+        new.register_buffer("hadamard_diagonal", new.rotation[:, 0].clone() if hadamard else None)
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x @ self.rotation, self.weight, self.bias)
+        return F.linear(rotate(x, self.rotation, self.hadamard_diagonal), self.weight, self.bias)
 
 
 class QuantRotatedLinear(QuantLinear):
@@ -50,10 +54,11 @@ class QuantRotatedLinear(QuantLinear):
         """Wrap ``module``, sharing its parameters and rotation."""
         new = super().from_float(module, quantizers, weight)
         new.register_buffer("rotation", module.rotation)
+        new.register_buffer("hadamard_diagonal", module.hadamard_diagonal)
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.input_quantizer(x @ self.rotation), self.quantized_weight(), self.bias)
+        return F.linear(self.input_quantizer(rotate(x, self.rotation, self.hadamard_diagonal)), self.quantized_weight(), self.bias)
 
 
 register(RotatedLinear, QuantRotatedLinear, lambda m: {"input": "conv_linear_input"}, has_weight=True)
@@ -65,6 +70,24 @@ def hadamard(d: int) -> torch.Tensor:
     while h.shape[0] < d:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
     return h
+
+
+def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
+    """``x @ hadamard(d)`` over the last dimension (``d`` a power of two) in ``d (a + b)`` multiply-adds per row
+    instead of ``d^2``: Sylvester's ``H_d = H_a kron H_b`` with ``a b = d``, so with ``x`` viewed as ``[a, b]``
+    the product is ``H_a X H_b`` (both factors symmetric). QuaRot runs the same products as fast Hadamard kernels."""
+    d = x.shape[-1]
+    a = 1 << (d.bit_length() - 1) // 2
+    y = x.reshape(*x.shape[:-1], a, d // a)
+    return (hadamard(a).to(x) @ y @ hadamard(d // a).to(x)).reshape(x.shape)
+
+
+def rotate(x: torch.Tensor, rotation: torch.Tensor, hadamard_diagonal: torch.Tensor | None) -> torch.Tensor:
+    """``x R``: the dense product, or for ``R = diag(s) H / sqrt(d)`` (``hadamard_diagonal = s / sqrt(d)``) the same
+    value as :func:`hadamard_transform` of ``x * hadamard_diagonal`` (equal up to float rounding)."""
+    if hadamard_diagonal is None:
+        return x @ rotation
+    return hadamard_transform(x * hadamard_diagonal)
 
 
 def random_rotation(d: int, kind: str, generator: torch.Generator) -> torch.Tensor:
@@ -103,7 +126,9 @@ class Rotation(PTQMethod):
     (``||x R|| = ||x||``), and a LayerNorm's mean subtraction does not commute with ``R``, so for the
     LayerNorm models here it would need every writer of the residual stream made zero-mean first
     (SliceGPT's LayerNorm-to-RMSNorm conversion), a model-specific rewrite. The rotation adds one
-    ``d x d`` float matmul per rotated Linear at inference.
+    float transform per rotated Linear at inference: a Hadamard one as two small matmuls
+    (:func:`hadamard_transform`, ``d (a + b)`` multiply-adds per row, QuaRot's fast Hadamard transform),
+    an orthogonal one as a ``d x d`` matmul.
     """
 
     name = "rotation"
@@ -130,7 +155,9 @@ class Rotation(PTQMethod):
             parent, _, child = name.rpartition(".")
             owner = model.get_submodule(parent) if parent else model
             linear = getattr(owner, child)
-            setattr(owner, child, RotatedLinear.from_linear(linear, random_rotation(linear.in_features, self.kind, generator)))
+            d = linear.in_features
+            setattr(owner, child, RotatedLinear.from_linear(linear, random_rotation(d, self.kind, generator),
+                                                            hadamard=self.kind == "hadamard" and d & (d - 1) == 0))
         if reference is not None and not outputs_match(reference, first_batch_outputs(model, data), self.rtol):
             raise QuantizationError("Rotation changed the float model's output: it reads a Linear's weight outside that "
                                     "Linear's forward; leave that Linear out with `exclude` (or use another ptq method)")
