@@ -7,8 +7,9 @@ evaluate. :func:`execute` chains them; the analyses call the stages they need.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
+import functools
+import json
 import logging
 import os
 import random
@@ -29,6 +30,7 @@ from esc.calibrators.weights import WEIGHT_CLIPS, calibrate_weights
 from esc.core.bundle import ModelBundle, weights_fingerprint
 from esc.core.errors import UserError
 from esc.core.files import load_plain, save_checkpoint
+from esc.core.timer import StageTimer
 from esc.quant.model import QuantizedModel, QuantSpec, quantize_model
 from esc.quant.quantizer import GRANULARITIES, MAX_BITS, MIN_BITS
 from esc.quant.roles import matches
@@ -50,6 +52,25 @@ def build(node: DictConfig) -> Any:
         if isinstance(cause, (UserError, FileNotFoundError)):
             raise cause from None
         raise
+
+
+@functools.lru_cache(maxsize=16)
+def _load_data_hashes(task_json: str) -> dict[str, str] | None:
+    return build(OmegaConf.create(json.loads(task_json))).load_data_hashes()
+
+
+def current_data_hashes(cfg: DictConfig) -> dict[str, str] | None:
+    """Content hashes of the data the run's task loads now (:meth:`esc.tasks.base.Task.load_data_hashes`,
+    no model built), once per task config and process; ``None`` when the task cannot tell before preparing."""
+    return _load_data_hashes(json.dumps(OmegaConf.to_container(cfg.task, resolve=True), sort_keys=True))
+
+
+def changed_splits(recorded: dict[str, str], current: dict[str, str] | None) -> list[str]:
+    """The data splits whose hash in a finished row (``recorded``) differs from ``current`` (none when
+    ``current`` is ``None``: unknown)."""
+    if current is None:
+        return []
+    return sorted(k for k in {*recorded, *current} if recorded.get(k) != current.get(k))
 
 
 def seed_everything(seed: int) -> None:
@@ -304,21 +325,6 @@ def export_path(cfg: DictConfig, key: str) -> Path | None:
     if not cfg.get("export") or (cfg.precision.weight is None and cfg.precision.activation is None):
         return None
     return Path(cfg.export) / f"{key}.onnx"
-
-
-class StageTimer:
-    """Wall-clock seconds per named stage of a run (``with timer("calibrate"): ...``), summed per name."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def __call__(self, stage: str):
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
 
 
 def execute(cfg: DictConfig, axes: dict[str, Any]) -> dict[str, Any]:

@@ -9,7 +9,6 @@ inside a sweep, lets the other runs go on).
 """
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -24,11 +23,11 @@ import numpy as np
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from esc.config import register_resolvers
 from esc.core.errors import UserError
-from esc.pipeline import build, component_name, execute, export_path, run_axes, validate
+from esc.pipeline import changed_splits, component_name, current_data_hashes, execute, export_path, run_axes, validate
 from esc.results import is_finished, provenance, read_row, row_path, run_key, write_json_atomic
 
 log = logging.getLogger("esc.run")
@@ -65,25 +64,6 @@ def finish_row(cfg: DictConfig, axes: dict[str, Any], key: str, out: dict[str, A
             "task_class": f"{type(task).__module__}.{type(task).__qualname__}", "fp32": fp, "quantized": q,
             "drop": drop, "rel_drop": drop / abs(fp) if fp else float("nan"), **out,
             "axes": axes, "finished_at": datetime.now(timezone.utc).isoformat(), **provenance()}
-
-
-@functools.lru_cache(maxsize=16)
-def _load_data_hashes(task_json: str) -> dict[str, str] | None:
-    return build(OmegaConf.create(json.loads(task_json))).load_data_hashes()
-
-
-def current_data_hashes(cfg: DictConfig) -> dict[str, str] | None:
-    """Content hashes of the data the run's task loads now (:meth:`esc.tasks.base.Task.load_data_hashes`,
-    no model built), once per task config and process; ``None`` when the task cannot tell before preparing."""
-    return _load_data_hashes(json.dumps(OmegaConf.to_container(cfg.task, resolve=True), sort_keys=True))
-
-
-def changed_splits(recorded: dict[str, str], current: dict[str, str] | None) -> list[str]:
-    """The data splits whose hash in a finished row (``recorded``) differs from ``current`` (none when
-    ``current`` is ``None``: unknown)."""
-    if current is None:
-        return []
-    return sorted(k for k in {*recorded, *current} if recorded.get(k) != current.get(k))
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
