@@ -86,10 +86,11 @@ test: setup  ## lint (ruff), layer contract (import-linter), then the test suite
 test-slow: setup  ## only the slow checks
 	$(PY) -m pytest -q -m slow
 
-bench: models  ## ESC speed benchmarks: StandInAST, then Whisper-base KWS and ASR (a few generations; ~30 min on 2 cores) -> benchmarks/RESULTS.md
+bench: models  ## ESC speed benchmarks: StandInAST, then Whisper-base KWS and ASR (a few generations; ~30 min on 2 cores), rotation's transform on Whisper-base KWS -> benchmarks/RESULTS.md
 	$(PY) benchmarks/bench_esc.py
 	$(PY) benchmarks/bench_esc.py --config "+experiment=whisper_kws precision=w8a4" --clips 50 --batch-size 50 --generations 3 --threads 1
 	$(PY) benchmarks/bench_esc.py --config "+experiment=whisper_asr precision=w8a8 esc.local_search=coarse_fine" --clips 8 --batch-size 8 --generations 1 --threads 1
+	$(PY) benchmarks/bench_rotation.py
 
 notebooks: setup  ## execute the analysis notebooks (notebooks/*.py) on the committed results/ rows -> results/figures/
 	$(PY) -m esc.analysis.notebooks
