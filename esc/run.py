@@ -80,10 +80,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     path = row_path(rows_dir, key)
     onnx_path = export_path(cfg, key)
     if is_finished(rows_dir, key) and (onnx_path is None or onnx_path.is_file()):
-        changed = changed_splits(read_row(path).get("data_hashes", {}), current_data_hashes(cfg))
+        done = read_row(path)
+        changed = changed_splits(done.get("data_hashes", {}), current_data_hashes(cfg))
         if not changed:
             log.info("Row %s already finished (%s): skipping", key, path)
-            return read_row(path)
+            return done
         log.warning("Row %s was made on other data than the task loads now (splits %s changed: a new data generator "
                     "version or replaced files): running it again", key, ", ".join(changed))
     log.info("Run %s -> %s", key, path)
