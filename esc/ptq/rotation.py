@@ -1,6 +1,7 @@
 """Rotation (QuaRot, Ashkboos et al. 2024): an orthogonal rotation of Linear inputs folded into the weights."""
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from typing import Sequence
@@ -64,8 +65,10 @@ class QuantRotatedLinear(QuantLinear):
 register(RotatedLinear, QuantRotatedLinear, lambda m: {"input": "conv_linear_input"}, has_weight=True)
 
 
+@functools.lru_cache(maxsize=None)
 def hadamard(d: int) -> torch.Tensor:
-    """The Sylvester Hadamard matrix of order ``d`` (a power of two), entries +-1."""
+    """The Sylvester Hadamard matrix of order ``d`` (a power of two), entries +-1; built once per order and
+    shared (:func:`hadamard_transform` asks for its factors on every forward), so callers must not modify it."""
     h = torch.ones(1, 1, dtype=torch.float64)
     while h.shape[0] < d:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
